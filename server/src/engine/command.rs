@@ -1,0 +1,221 @@
+//! Commands the engine applies and the outcomes it returns: the engine's whole interface.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::limits::{LimitSet, Unit};
+
+/// Most descriptors one request may carry.
+pub const MAX_DESCRIPTORS: usize = 64;
+/// Most entries one descriptor may carry.
+pub const MAX_ENTRIES: usize = 32;
+/// Longest domain, in bytes.
+pub const MAX_DOMAIN_BYTES: usize = 256;
+/// Longest entry key, in bytes.
+pub const MAX_KEY_BYTES: usize = 256;
+/// Longest entry value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 1024;
+
+/// One command of a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Decide (and maybe debit) a rate-limit request.
+    RateLimit(RateLimitCommand),
+    /// Replace the whole limit set. Counters of limits whose identity (domain, scope, window)
+    /// is unchanged are kept; the others are reclaimed.
+    ReplaceLimits(LimitSet),
+}
+
+/// A rate-limit request, in domain terms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimitCommand {
+    pub domain: String,
+    pub descriptors: Vec<Descriptor>,
+    /// Request-level hits, already defaulted (Envoy's 0 means 1) by the caller.
+    pub hits: u64,
+    pub mode: Mode,
+}
+
+/// One descriptor: ordered entries, and optional per-descriptor overrides.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Descriptor {
+    pub entries: Vec<(String, String)>,
+    /// Overrides the request's hits for this descriptor; a present 0 means check only.
+    pub hits: Option<u64>,
+    /// Replaces the configured limits for this descriptor (Envoy's `limit` override).
+    pub limit_override: Option<LimitOverride>,
+}
+
+/// Envoy's per-descriptor `RateLimitOverride`: a fixed window of one unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LimitOverride {
+    pub requests_per_unit: u64,
+    pub unit: Unit,
+}
+
+/// What the request does to counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Mode {
+    /// Envoy's ShouldRateLimit: admit only if every matched limit has room for its hits, then
+    /// debit all of them together; a denied request debits nothing.
+    Enforce,
+    /// Kuadrant's CheckRateLimit: decide as `Enforce` would, debit nothing.
+    CheckOnly,
+    /// Kuadrant's Report: debit every matched limit unconditionally (usage may overshoot).
+    Report,
+}
+
+/// The decision code, as Envoy knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    Ok,
+    OverLimit,
+}
+
+/// The limit a status reports on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LimitInfo {
+    pub name: Arc<str>,
+    pub capacity: u64,
+    pub unit: Unit,
+    /// Nominal window length, seconds (draft-03 `w=`).
+    pub window_s: u64,
+}
+
+/// The status of one descriptor: its most constrained matched limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DescriptorStatus {
+    pub code: Code,
+    /// `None` when no limit matched the descriptor (or only unlimited ones did).
+    pub current_limit: Option<LimitInfo>,
+    /// Hits left in the window after this request (0 when none matched).
+    pub remaining: u64,
+    /// Time until the counter is back to full capacity.
+    pub reset_in_ms: u64,
+}
+
+/// The outcome of a [`RateLimitCommand`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub code: Code,
+    /// One per descriptor, in request order.
+    pub statuses: Vec<DescriptorStatus>,
+    /// Names of shadow-mode limits this request went over (admitted anyway).
+    pub shadow_exceeded: Vec<Arc<str>>,
+}
+
+/// One outcome per command, in batch order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    RateLimit(Decision),
+    LimitsReplaced {
+        limits: u64,
+        /// Limits whose counters carried over from the previous set.
+        kept: u64,
+        generation: u64,
+    },
+    Rejected(CommandError),
+}
+
+/// Why the engine refused a command. Nothing of a rejected command was applied.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    /// The input breaks a stated bound or rule; `field` names where.
+    #[error("invalid {field}: {reason}")]
+    Invalid { field: String, reason: String },
+    /// The counter table is at its bound and holds no reclaimable counter.
+    #[error("counter table full ({max} counters): refusing to create new counters")]
+    CounterTableFull { max: u64 },
+}
+
+impl CommandError {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        CommandError::Invalid {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl RateLimitCommand {
+    /// Checks the stated bounds; the error names the offending field as the RLS request spells
+    /// it (e.g. `descriptors[2].entries[0].key`).
+    pub fn validate(&self) -> Result<(), CommandError> {
+        if self.domain.is_empty() {
+            return Err(CommandError::invalid("domain", "must not be empty"));
+        }
+        if self.domain.len() > MAX_DOMAIN_BYTES {
+            return Err(CommandError::invalid(
+                "domain",
+                format!("longer than {MAX_DOMAIN_BYTES} bytes"),
+            ));
+        }
+        if self.descriptors.is_empty() {
+            return Err(CommandError::invalid(
+                "descriptors",
+                "at least one descriptor is required",
+            ));
+        }
+        if self.descriptors.len() > MAX_DESCRIPTORS {
+            return Err(CommandError::invalid(
+                "descriptors",
+                format!(
+                    "{} descriptors; at most {MAX_DESCRIPTORS}",
+                    self.descriptors.len()
+                ),
+            ));
+        }
+        for (i, d) in self.descriptors.iter().enumerate() {
+            d.validate(i)?;
+        }
+        Ok(())
+    }
+}
+
+impl Descriptor {
+    fn validate(&self, i: usize) -> Result<(), CommandError> {
+        let field = |rest: &str| format!("descriptors[{i}].{rest}");
+        if self.entries.is_empty() {
+            return Err(CommandError::invalid(
+                field("entries"),
+                "at least one entry is required",
+            ));
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return Err(CommandError::invalid(
+                field("entries"),
+                format!("{} entries; at most {MAX_ENTRIES}", self.entries.len()),
+            ));
+        }
+        for (j, (k, v)) in self.entries.iter().enumerate() {
+            if k.is_empty() {
+                return Err(CommandError::invalid(
+                    field(&format!("entries[{j}].key")),
+                    "must not be empty",
+                ));
+            }
+            if k.len() > MAX_KEY_BYTES {
+                return Err(CommandError::invalid(
+                    field(&format!("entries[{j}].key")),
+                    format!("longer than {MAX_KEY_BYTES} bytes"),
+                ));
+            }
+            if v.len() > MAX_VALUE_BYTES {
+                return Err(CommandError::invalid(
+                    field(&format!("entries[{j}].value")),
+                    format!("longer than {MAX_VALUE_BYTES} bytes"),
+                ));
+            }
+        }
+        if let Some(o) = self.limit_override
+            && o.unit == Unit::Unknown
+        {
+            return Err(CommandError::invalid(
+                field("limit.unit"),
+                "must be a known unit",
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,173 @@
+//! The deterministic state machine at Tally's core.
+//!
+//! Events in, decisions out: [`Engine::apply`] takes a batch of [`Command`]s and the batch's
+//! timestamp, and returns one [`Outcome`] per command. No clock, no I/O, no async, no protobuf:
+//! the same commands with the same timestamps give the same outcomes and the same
+//! [`Engine::snapshot`] bytes on every replica.
+//!
+//! Layout:
+//! - [`command`]: the commands, outcomes and request bounds (the engine's interface).
+//! - [`limits`]: limit definitions as plain data (what a limit file compiles to).
+//! - `registry`: the limits in force, compiled, with ids that name their counters.
+//! - `decide`: matching descriptors to limits, all-or-nothing check and debit.
+//! - `window`, `calendar`: fixed, calendar, first-hit, rolling and token-bucket arithmetic.
+//! - `counters`: the bounded counter table and its incremental reclamation.
+//! - [`cel`]: CEL expressions of Limitador-format limits.
+//! - `snapshot`: the whole state to bytes and back.
+//!
+//! Architecture invariant: batch time never goes backwards inside the engine; a batch stamped
+//! earlier than the last one is applied at the last one's time.
+
+pub mod calendar;
+pub mod cel;
+pub mod command;
+mod counters;
+mod decide;
+pub mod limits;
+mod registry;
+mod snapshot;
+mod window;
+
+use std::sync::Arc;
+
+pub use command::{
+    Code, Command, CommandError, Decision, Descriptor, DescriptorStatus, LimitInfo, LimitOverride,
+    Mode, Outcome, RateLimitCommand,
+};
+pub use limits::{LimitSet, LimitSpec};
+pub use snapshot::SnapshotError;
+
+use counters::{Counters, SWEEP_PER_BATCH, SWEEP_PER_COMMAND};
+use registry::Registry;
+
+/// Settings that change decisions, so every replica must hold the same ones: they travel in
+/// snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EngineSettings {
+    /// Most counters held at once; a request that would create more is refused.
+    pub max_counters: u64,
+}
+
+/// Default bound on counters: about half a GiB of fixed-window counters.
+pub const DEFAULT_MAX_COUNTERS: u64 = 5_000_000;
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings {
+            max_counters: DEFAULT_MAX_COUNTERS,
+        }
+    }
+}
+
+/// Counts for operators; not part of the replicated state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStatus {
+    pub live_counters: u64,
+    pub counter_bytes_estimate: u64,
+    pub reclaimed_counters: u64,
+    pub limits: u64,
+    pub limits_generation: u64,
+    pub last_batch_ms: i64,
+    pub applied_commands: u64,
+    pub applied_batches: u64,
+}
+
+pub struct Engine {
+    settings: EngineSettings,
+    last_ms: i64,
+    registry: Registry,
+    counters: Counters,
+    scratch: decide::Scratch,
+    empty_name: Arc<str>,
+    applied_commands: u64,
+    applied_batches: u64,
+}
+
+impl Engine {
+    pub fn new(settings: EngineSettings) -> Engine {
+        Engine {
+            settings,
+            last_ms: calendar::MIN_TIME_MS,
+            registry: Registry::default(),
+            counters: Counters::default(),
+            scratch: decide::Scratch::default(),
+            empty_name: Arc::from(""),
+            applied_commands: 0,
+            applied_batches: 0,
+        }
+    }
+
+    /// Applies a batch stamped `batch_ms` (Unix ms) and returns one outcome per command.
+    pub fn apply(&mut self, batch_ms: i64, commands: &[Command]) -> Vec<Outcome> {
+        let now_ms = batch_ms.clamp(self.last_ms, calendar::MAX_TIME_MS);
+        self.last_ms = now_ms;
+        let outcomes: Vec<Outcome> = commands.iter().map(|c| self.apply_one(c, now_ms)).collect();
+        let budget = SWEEP_PER_BATCH + SWEEP_PER_COMMAND * commands.len();
+        let registry = &self.registry;
+        self.counters.sweep(budget, |key, state| {
+            decide::reclaimable(registry, key, state, now_ms)
+        });
+        self.applied_batches += 1;
+        self.applied_commands += commands.len() as u64;
+        assert_eq!(outcomes.len(), commands.len(), "one outcome per command");
+        outcomes
+    }
+
+    fn apply_one(&mut self, command: &Command, now_ms: i64) -> Outcome {
+        let result = match command {
+            Command::RateLimit(cmd) => decide::decide(
+                decide::Ctx {
+                    registry: &mut self.registry,
+                    counters: &mut self.counters,
+                    max_counters: self.settings.max_counters,
+                    scratch: &mut self.scratch,
+                    empty_name: &self.empty_name,
+                },
+                cmd,
+                now_ms,
+            )
+            .map(Outcome::RateLimit),
+            Command::ReplaceLimits(set) => {
+                self.registry
+                    .replace(set)
+                    .map(|kept| Outcome::LimitsReplaced {
+                        limits: self.registry.order.len() as u64,
+                        kept,
+                        generation: self.registry.generation,
+                    })
+            }
+        };
+        result.unwrap_or_else(Outcome::Rejected)
+    }
+
+    /// The limits in force, in limit-set order.
+    pub fn limits(&self) -> impl Iterator<Item = &LimitSpec> {
+        self.registry
+            .order
+            .iter()
+            .map(|id| &self.registry.limits[id].spec)
+    }
+
+    pub fn settings(&self) -> EngineSettings {
+        self.settings
+    }
+
+    /// Time of the last applied batch.
+    pub fn last_ms(&self) -> i64 {
+        self.last_ms
+    }
+
+    /// Counts for operators. Walks the counter table for the memory estimate: O(counters).
+    pub fn status(&self) -> EngineStatus {
+        EngineStatus {
+            live_counters: self.counters.len() as u64,
+            counter_bytes_estimate: self.counters.bytes_estimate(),
+            reclaimed_counters: self.counters.reclaimed,
+            limits: self.registry.order.len() as u64,
+            limits_generation: self.registry.generation,
+            last_batch_ms: self.last_ms,
+            applied_commands: self.applied_commands,
+            applied_batches: self.applied_batches,
+        }
+    }
+}

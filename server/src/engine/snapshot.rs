@@ -1,0 +1,127 @@
+//! The engine's whole replicated state to bytes and back.
+//!
+//! Format: the 8-byte magic `TALLYSN1`, then a postcard-encoded [`Body`]. Counters are written
+//! in key order and idle ones are left out, each brought to the snapshot's time, so two
+//! replicas that applied the same log produce byte-identical snapshots whatever their
+//! reclamation did.
+
+use serde::{Deserialize, Serialize};
+
+use super::counters::{self, Counters, OVERRIDE_LIMIT_ID};
+use super::decide;
+use super::limits::LimitSpec;
+use super::registry::Registry;
+use super::window::{CounterState, Window};
+use super::{Engine, EngineSettings, calendar};
+
+const MAGIC: &[u8; 8] = b"TALLYSN1";
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    settings: EngineSettings,
+    last_ms: i64,
+    generation: u64,
+    next_limit_id: u32,
+    limits: Vec<(u32, LimitSpec)>,
+    counters: Vec<(Vec<u8>, CounterState)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("not a Tally engine snapshot (bad magic)")]
+    BadMagic,
+    #[error("snapshot does not decode: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error("snapshot holds an invalid limit: {0}")]
+    Limit(#[from] super::CommandError),
+    #[error("snapshot holds an invalid counter: {0}")]
+    Counter(String),
+}
+
+impl Engine {
+    /// Serializes the whole replicated state.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let now_ms = self.last_ms;
+        let mut live: Vec<(Vec<u8>, CounterState)> = self
+            .counters
+            .iter()
+            .filter(|(key, state)| !decide::reclaimable(&self.registry, key, state, now_ms))
+            .map(|(key, state)| {
+                let mut state = state.clone();
+                if let Some(window) = self.window_of_key(key) {
+                    window.settle(&mut state, now_ms);
+                }
+                (key.to_vec(), state)
+            })
+            .collect();
+        live.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let body = Body {
+            settings: self.settings,
+            last_ms: self.last_ms,
+            generation: self.registry.generation,
+            next_limit_id: self.registry.next_id,
+            limits: self
+                .registry
+                .order
+                .iter()
+                .map(|id| (*id, self.registry.limits[id].spec.clone()))
+                .collect(),
+            counters: live,
+        };
+        let mut out = MAGIC.to_vec();
+        postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    /// Rebuilds an engine from [`Engine::snapshot`] bytes, checking every part.
+    pub fn restore(bytes: &[u8]) -> Result<Engine, SnapshotError> {
+        let rest = bytes.strip_prefix(MAGIC).ok_or(SnapshotError::BadMagic)?;
+        let body: Body = postcard::from_bytes(rest)?;
+        if !(calendar::MIN_TIME_MS..=calendar::MAX_TIME_MS).contains(&body.last_ms) {
+            return Err(SnapshotError::Counter(format!(
+                "time {} out of range",
+                body.last_ms
+            )));
+        }
+        let mut registry = Registry::restore(body.limits, body.next_limit_id)?;
+        registry.generation = body.generation;
+        let mut engine = Engine::new(body.settings);
+        engine.last_ms = body.last_ms;
+        engine.registry = registry;
+        engine.counters = Counters::default();
+        for (key, state) in body.counters {
+            engine.check_counter(&key, &state)?;
+            if engine.counters.contains(&key) {
+                return Err(SnapshotError::Counter("duplicate key".into()));
+            }
+            engine.counters.insert(&key, state);
+        }
+        Ok(engine)
+    }
+
+    fn window_of_key(&self, key: &[u8]) -> Option<&Window> {
+        match counters::limit_id_of(key) {
+            OVERRIDE_LIMIT_ID => None,
+            id => self.registry.limits.get(&id).map(|l| &l.window),
+        }
+    }
+
+    fn check_counter(&self, key: &[u8], state: &CounterState) -> Result<(), SnapshotError> {
+        if key.len() < 4 {
+            return Err(SnapshotError::Counter("key shorter than a limit id".into()));
+        }
+        let fits = match (self.window_of_key(key), state) {
+            (None, CounterState::Window { .. }) => counters::limit_id_of(key) == OVERRIDE_LIMIT_ID,
+            (None, _) => false,
+            (Some(window), state) => window.fits(state),
+        };
+        if fits {
+            Ok(())
+        } else {
+            Err(SnapshotError::Counter(format!(
+                "counter of limit {} does not match its window",
+                counters::limit_id_of(key)
+            )))
+        }
+    }
+}
