@@ -1,0 +1,58 @@
+//! The gRPC and HTTP surface. Every service turns wire messages into engine commands at the
+//! boundary (`convert`), proposes them through the [`Node`], and turns outcomes back.
+//!
+//! Layout:
+//! - `rls`: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
+//! - `kuadrant`: `kuadrant.service.ratelimit.v1.RateLimitService` (CheckRateLimit, Report).
+//! - `admin`: `tally.v1.Admin` (status, limits in force).
+//! - `convert`: wire ⇄ domain conversions, response headers and bodies.
+//! - `status`: the one place errors become gRPC statuses.
+//! - `http`: `/healthz` and `/readyz`.
+//!
+//! Architecture invariant: no protobuf type crosses into `engine` or `node`.
+
+mod admin;
+mod convert;
+pub mod http;
+mod kuadrant;
+mod rls;
+mod status;
+
+use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
+use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
+use tally_proto::tally::v1::admin_server::AdminServer;
+use tonic::service::Routes;
+
+pub use convert::{OVER_LIMIT_BODY, ResponseOptions};
+
+use crate::node::Node;
+
+/// Largest gRPC message accepted, bytes. Far above any valid request (64 descriptors of 32
+/// entries of 1 KiB values is about 2 MiB at the extreme), far below memory trouble.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Every Tally gRPC service, plus gRPC health and reflection, ready to serve.
+pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<RateLimitServiceServer<rls::Rls>>()
+        .await;
+    health_reporter
+        .set_serving::<KuadrantServer<kuadrant::Kuadrant>>()
+        .await;
+    health_reporter.set_serving::<AdminServer<admin::Admin>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor set is valid");
+    let rls = RateLimitServiceServer::new(rls::Rls::new(node.clone(), options))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let kuadrant = KuadrantServer::new(kuadrant::Kuadrant::new(node.clone(), options))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let admin = AdminServer::new(admin::Admin::new(node));
+    Routes::new(rls)
+        .add_service(kuadrant)
+        .add_service(admin)
+        .add_service(health_service)
+        .add_service(reflection)
+}

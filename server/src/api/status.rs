@@ -1,0 +1,29 @@
+//! The one mapping from Tally's errors to gRPC statuses.
+
+use tonic::Status;
+
+use crate::engine::{CommandError, Outcome};
+use crate::node::NodeError;
+
+impl From<CommandError> for Status {
+    fn from(e: CommandError) -> Status {
+        match e {
+            CommandError::Invalid { .. } => Status::invalid_argument(e.to_string()),
+            CommandError::CounterTableFull { .. } => Status::resource_exhausted(e.to_string()),
+        }
+    }
+}
+
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Status {
+        match e {
+            NodeError::Stopped => Status::unavailable(e.to_string()),
+        }
+    }
+}
+
+/// An outcome of the wrong kind for its command: a bug, reported without crashing the server.
+pub fn unexpected(outcome: &Outcome) -> Status {
+    tracing::error!(?outcome, "engine returned an outcome of the wrong kind");
+    Status::internal("unexpected engine outcome")
+}

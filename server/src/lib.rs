@@ -1,0 +1,17 @@
+//! Tally: Raft-replicated rate limiting and metering for AI gateways.
+//!
+//! Layout:
+//! - [`engine`]: the pure, deterministic state machine (limits, windows, counters). No clock,
+//!   no I/O, no protobuf.
+//! - [`node`]: the seam to replication: orders commands into stamped batches and applies them.
+//! - [`api`]: the gRPC services (Envoy RLS v3, Kuadrant v1, tally.v1 admin) and the HTTP
+//!   health endpoints; wire⇄domain conversion and error mapping live here.
+//! - [`config`]: limit files (native, Limitador, envoyproxy/ratelimit) into a limit set.
+//! - [`server`]: wiring for `tallyd`: listeners, limit-file reload, shutdown.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod node;
+pub mod server;
+

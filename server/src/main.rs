@@ -1,0 +1,161 @@
+//! `tallyd`: the Tally server.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use tally_server::api::ResponseOptions;
+use tally_server::config::Format;
+use tally_server::engine::EngineSettings;
+use tally_server::node::{BatchConfig, MAX_BATCH_COMMANDS, SystemClock};
+use tally_server::server::{self, LimitsSource, ServerConfig};
+
+/// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
+///
+/// With no arguments it serves the shipped example limits (examples/limits.yaml, embedded in
+/// the binary) on 127.0.0.1. Every flag can also be set by the environment variable shown.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about)]
+struct Args {
+    /// gRPC listen address (Envoy RLS v3, Kuadrant v1, tally.v1, gRPC health and reflection).
+    #[arg(long, env = "TALLY_GRPC_LISTEN", default_value = "127.0.0.1:8081")]
+    grpc_listen: SocketAddr,
+
+    /// HTTP listen address (GET /healthz liveness, GET /readyz readiness).
+    #[arg(long, env = "TALLY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
+    http_listen: SocketAddr,
+
+    /// Limits file. Without it, the embedded example limits are served.
+    #[arg(long, env = "TALLY_LIMITS")]
+    limits: Option<PathBuf>,
+
+    /// Format of the limits file; detected from its shape when not given.
+    #[arg(long, env = "TALLY_LIMITS_FORMAT", value_enum)]
+    limits_format: Option<Format>,
+
+    /// How often the limits file is checked for changes, in ms; 0 disables reloading.
+    /// A changed file that does not load is logged and the limits in force stay.
+    #[arg(long, env = "TALLY_LIMITS_POLL_MS", default_value_t = 1_000)]
+    limits_poll_ms: u64,
+
+    /// Rate-limit headers added to every response: `off`, or `draft03`
+    /// (x-ratelimit-limit, x-ratelimit-remaining, x-ratelimit-reset).
+    #[arg(long, env = "TALLY_RATELIMIT_HEADERS", value_enum, default_value_t = Headers::Off)]
+    ratelimit_headers: Headers,
+
+    /// Most counters held in memory; a request that would create more is refused with
+    /// RESOURCE_EXHAUSTED (Envoy then applies its failure mode).
+    #[arg(long, env = "TALLY_MAX_COUNTERS", default_value_t = tally_server::engine::DEFAULT_MAX_COUNTERS)]
+    max_counters: u64,
+
+    /// Most commands applied in one batch.
+    #[arg(long, env = "TALLY_BATCH_MAX_COMMANDS", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH_COMMANDS as u64))]
+    batch_max_commands: u64,
+
+    /// How long a batch waits for more commands after its first, in microseconds. 0 (the
+    /// default) takes whatever is queued: commands arriving while a batch applies form the
+    /// next one, so batching needs no added latency.
+    #[arg(long, env = "TALLY_BATCH_LINGER_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    batch_linger_us: u64,
+
+    /// Most open gRPC connections; further connections wait to be accepted.
+    #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS as u64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_connections: u64,
+
+    /// Log format.
+    #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log filter (tracing-subscriber syntax, e.g. `info` or `tally_server=debug`).
+    #[arg(long, env = "TALLY_LOG", default_value = "info")]
+    log: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Headers {
+    Off,
+    Draft03,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn init_logging(args: &Args) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
+        .with_context(|| format!("--log {:?} is not a valid filter", args.log))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+    tracing::info!("shutdown signal received; finishing in-flight calls");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args)?;
+    let limits = match &args.limits {
+        Some(path) => LimitsSource::File(path.clone()),
+        None => {
+            tracing::info!("no --limits given: serving the embedded example limits");
+            ServerConfig::default().limits
+        }
+    };
+    let config = ServerConfig {
+        limits,
+        limits_format: args.limits_format,
+        limits_poll: Duration::from_millis(args.limits_poll_ms),
+        response: ResponseOptions {
+            draft03_headers: args.ratelimit_headers == Headers::Draft03,
+        },
+        engine: EngineSettings {
+            max_counters: args.max_counters,
+        },
+        batch: BatchConfig {
+            max_batch_commands: args.batch_max_commands as usize,
+            batch_linger: Duration::from_micros(args.batch_linger_us),
+        },
+        max_connections: args.max_connections as usize,
+        clock: Arc::new(SystemClock),
+    };
+    let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
+        .await
+        .with_context(|| format!("cannot listen for gRPC on {}", args.grpc_listen))?;
+    let http = tokio::net::TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
+    server::run(grpc, http, config, shutdown_signal()).await?;
+    Ok(())
+}

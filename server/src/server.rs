@@ -1,0 +1,350 @@
+//! Wiring for `tallyd`: the node, the gRPC and HTTP listeners, limit-file reload, shutdown.
+//!
+//! `run(grpc_listener, http_listener, config, shutdown)` serves until `shutdown` completes,
+//! then stops accepting, lets in-flight calls finish and returns. Tests bind port 0 and use
+//! [`spawn`].
+
+use std::future::Future;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::api::http::Readiness;
+use crate::api::{self, ResponseOptions};
+use crate::config::{self, Format};
+use crate::engine::{Command, Engine, EngineSettings, LimitSet, Outcome};
+use crate::node::{BatchConfig, Clock, Node, SystemClock};
+
+/// Default bound on open gRPC connections.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
+/// HTTP/2 streams one gRPC connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 1_024;
+/// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The example limits served when no file is given.
+pub const EMBEDDED_LIMITS: &str = include_str!("../../examples/limits.yaml");
+
+/// Where the limits come from.
+#[derive(Clone, Debug)]
+pub enum LimitsSource {
+    /// A file, reloaded when it changes.
+    File(PathBuf),
+    /// Text held in memory (the embedded example); never reloaded.
+    Inline { origin: String, text: String },
+}
+
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub limits: LimitsSource,
+    /// `None`: detect the format from the file's shape.
+    pub limits_format: Option<Format>,
+    /// How often the limits file is checked for changes; zero disables reloading.
+    pub limits_poll: Duration,
+    pub response: ResponseOptions,
+    pub engine: EngineSettings,
+    pub batch: BatchConfig,
+    pub max_connections: usize,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            limits: LimitsSource::Inline {
+                origin: "embedded examples/limits.yaml".into(),
+                text: EMBEDDED_LIMITS.into(),
+            },
+            limits_format: None,
+            limits_poll: Duration::from_secs(1),
+            response: ResponseOptions::default(),
+            engine: EngineSettings::default(),
+            batch: BatchConfig::default(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("limits: {0}")]
+    Limits(#[from] config::ConfigError),
+    #[error("cannot read limits file {path}: {source}")]
+    LimitsFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("limits refused by the engine: {0}")]
+    LimitsRejected(crate::engine::CommandError),
+    #[error("node stopped")]
+    NodeStopped,
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` completes.
+pub async fn run(
+    grpc: TcpListener,
+    http: TcpListener,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
+    let (initial, fingerprint) = load_initial(&config).await?;
+    let node = Node::start_local(Engine::new(config.engine), config.clock.clone(), config.batch);
+    replace_limits(&node, initial).await?;
+    let readiness = Readiness::default();
+    readiness.set_ready();
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    if let (LimitsSource::File(path), false) = (&config.limits, config.limits_poll.is_zero()) {
+        tokio::spawn(watch_limits(
+            path.clone(),
+            config.limits_format,
+            config.limits_poll,
+            fingerprint,
+            node.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "tallyd serving");
+
+    let http_app = api::http::router(node.clone(), readiness);
+    let http_stop = stopped(stop_rx.clone());
+    let http_task = tokio::spawn(async move {
+        axum::serve(http, http_app).with_graceful_shutdown(http_stop).await
+    });
+    let incoming = limited_incoming(grpc, config.max_connections, stop_rx.clone());
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .add_routes(api::grpc_routes(node, config.response).await)
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
+        .await?;
+    http_task.await.map_err(std::io::Error::other)??;
+    tracing::info!("tallyd stopped");
+    Ok(())
+}
+
+/// A server running in the background, for tests and embedding.
+pub struct RunningServer {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), ServerError>>,
+}
+
+/// Binds both listeners on 127.0.0.1 port 0 and serves in the background.
+pub async fn spawn(config: ServerConfig) -> Result<RunningServer, ServerError> {
+    let grpc = TcpListener::bind("127.0.0.1:0").await?;
+    let http = TcpListener::bind("127.0.0.1:0").await?;
+    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    // Load the limits here so a bad file fails the spawn, not the background task.
+    load_initial(&config).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(run(grpc, http, config, async move {
+        let _ = stopped.await;
+    }));
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+impl RunningServer {
+    /// Shuts the server down and waits for it.
+    pub async fn stop(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.map_err(std::io::Error::other)?
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn fingerprint(text: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+async fn load_initial(config: &ServerConfig) -> Result<(LimitSet, u64), ServerError> {
+    match &config.limits {
+        LimitsSource::File(path) => {
+            let text = tokio::fs::read_to_string(path)
+                .await
+                .map_err(|source| ServerError::LimitsFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            let origin = path.display().to_string();
+            let set = config::parse_limits(&text, config.limits_format, &origin)?;
+            Ok((set, fingerprint(&text)))
+        }
+        LimitsSource::Inline { origin, text } => Ok((
+            config::parse_limits(text, config.limits_format, origin)?,
+            fingerprint(text),
+        )),
+    }
+}
+
+async fn replace_limits(node: &Node, set: LimitSet) -> Result<(u64, u64), ServerError> {
+    match node.propose(Command::ReplaceLimits(set)).await {
+        Ok(Outcome::LimitsReplaced { limits, kept, .. }) => Ok((limits, kept)),
+        Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
+        Ok(other) => panic!("ReplaceLimits answered with {other:?}"),
+        Err(_) => Err(ServerError::NodeStopped),
+    }
+}
+
+/// Polls the limits file; a changed file that parses is proposed as the new limit set, one
+/// that does not is logged and the limits in force stay.
+async fn watch_limits(
+    path: PathBuf,
+    format: Option<Format>,
+    poll: Duration,
+    mut last: u64,
+    node: Node,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let text = match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read limits file; limits in force stay");
+                continue;
+            }
+        };
+        let print = fingerprint(&text);
+        if print == last {
+            continue;
+        }
+        last = print;
+        let origin = path.display().to_string();
+        let parsed =
+            tokio::task::spawn_blocking(move || config::parse_limits(&text, format, &origin)).await;
+        match parsed {
+            Ok(Ok(set)) => match replace_limits(&node, set).await {
+                Ok((limits, kept)) => {
+                    tracing::info!(path = %path.display(), limits, kept, "limits reloaded")
+                }
+                Err(e) => tracing::error!(error = %e, "limits reload refused; limits in force stay"),
+            },
+            Ok(Err(e)) => tracing::error!(error = %e, "limits file refused; limits in force stay"),
+            Err(e) => tracing::error!(error = %e, "limits parser failed; limits in force stay"),
+        }
+    }
+}
+
+/// A TCP connection holding one of the server's connection permits until it closes.
+struct LimitedStream {
+    stream: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
+/// Accepts connections while fewer than `max` are open (mini-redis style: a semaphore permit
+/// per connection, returned when it closes).
+fn limited_incoming(
+    listener: TcpListener,
+    max: usize,
+    mut stop: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<LimitedStream>> {
+    let (tx, rx) = mpsc::channel(16);
+    let permits = Arc::new(Semaphore::new(max));
+    tokio::spawn(async move {
+        loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    let conn = LimitedStream {
+                        stream,
+                        _permit: permit,
+                    };
+                    if tx.send(Ok(conn)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}

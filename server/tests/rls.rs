@@ -1,0 +1,286 @@
+//! Behaviour of Envoy's ShouldRateLimit and Kuadrant's CheckRateLimit/Report, through gRPC
+//! against an in-process server on port 0.
+
+mod common;
+
+use common::*;
+use tally_proto::envoy::r#type::v3::RateLimitUnit;
+use tonic::Code as GrpcCode;
+
+const LIMITS: &str = r#"
+domains:
+  - domain: test
+    limits:
+      - name: per-user
+        match: { kind: req }
+        by: [user]
+        capacity: 3
+        window: 1m
+      - name: per-org
+        match: { kind: org }
+        by: [org]
+        capacity: 5
+        window: 1m
+      - name: big
+        match: { kind: big }
+        by: [user]
+        capacity: 1000
+        window: 1h
+      - name: tokens
+        match: { kind: tokens }
+        by: [user]
+        capacity: 100
+        window: { rolling: 60s, resolution: 1s }
+"#;
+
+fn user(u: &str) -> tally_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor {
+    desc(&[("kind", "req"), ("user", u)])
+}
+
+#[tokio::test]
+async fn admits_up_to_capacity_then_429_with_body_and_statuses() {
+    let mut t = start(LIMITS).await;
+    for expected_remaining in [2, 1, 0] {
+        let r = t.should(req("test", vec![user("alice")], 0)).await;
+        assert_eq!(code(&r), Code::Ok);
+        let s = &r.statuses[0];
+        assert_eq!(s.limit_remaining, expected_remaining);
+        let limit = s.current_limit.as_ref().expect("limit reported");
+        assert_eq!(limit.requests_per_unit, 3);
+        assert_eq!(limit.name, "per-user");
+        assert_eq!(limit.unit, 2, "MINUTE");
+        // T0 is aligned to a minute: the window resets in exactly 60 s.
+        assert_eq!(s.duration_until_reset.unwrap().seconds, 60);
+        assert!(r.raw_body.is_empty(), "no body on OK");
+        assert!(header(&r, "content-type").is_none(), "no content-type on OK");
+    }
+    let r = t.should(req("test", vec![user("alice")], 0)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+    assert_eq!(
+        String::from_utf8(r.raw_body.clone()).unwrap(),
+        r#"{"error":{"message":"Rate limit exceeded","type":"rate_limit_error","code":"rate_limit_exceeded"}}"#
+    );
+    assert_eq!(header(&r, "content-type"), Some("application/json"));
+    // Another key has its own counter.
+    let r = t.should(req("test", vec![user("bob")], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    // The window resets at the next minute.
+    t.clock.advance_ms(60_000);
+    let r = t.should(req("test", vec![user("alice")], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(r.statuses[0].limit_remaining, 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn request_hits_addend_zero_means_one_and_n_means_n() {
+    let mut t = start(LIMITS).await;
+    let r = t.should(req("test", vec![user("a")], 2)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 1));
+    // 2 more do not fit in the 1 left: denied, nothing debited.
+    let r = t.should(req("test", vec![user("a")], 2)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::OverLimit, 1));
+    let r = t.should(req("test", vec![user("a")], 0)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 0));
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn per_descriptor_hits_override_and_present_zero_checks_only() {
+    let mut t = start(LIMITS).await;
+    let tokens = || desc(&[("kind", "tokens"), ("user", "u")]);
+    // Check only: nothing debited, remaining stays at capacity.
+    for _ in 0..3 {
+        let r = t.should(req("test", vec![with_hits(tokens(), 0)], 7)).await;
+        assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    }
+    // Stream end: 60 tokens (overrides the request's 7).
+    let r = t.should(req("test", vec![with_hits(tokens(), 60)], 7)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 40));
+    // Without a per-descriptor value, the request's hits apply.
+    let r = t.should(req("test", vec![tokens()], 40)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 0));
+    // Exhausted: a check-only request is now denied.
+    let r = t.should(req("test", vec![with_hits(tokens(), 0)], 0)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    // The rolling window frees the hits 60 s after they were made.
+    t.clock.advance_ms(59_999);
+    let r = t.should(req("test", vec![with_hits(tokens(), 0)], 0)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    t.clock.advance_ms(1);
+    let r = t.should(req("test", vec![with_hits(tokens(), 0)], 0)).await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn descriptor_limit_override_replaces_configured_limit() {
+    let mut t = start(LIMITS).await;
+    let d = || with_override(user("o"), 1, RateLimitUnit::Hour as i32);
+    let r = t.should(req("test", vec![d()], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!((limit.requests_per_unit, limit.unit), (1, 3), "1 per HOUR");
+    assert_eq!(code(&t.should(req("test", vec![d()], 0)).await), Code::OverLimit);
+    // The configured per-user limit (3/min) was not touched.
+    let r = t.should(req("test", vec![user("o")], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 2);
+    // Overrides work in a domain with no configured limits too.
+    let other = || with_override(desc(&[("x", "y")]), 2, RateLimitUnit::Second as i32);
+    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::Ok);
+    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::Ok);
+    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::OverLimit);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn all_descriptors_must_pass_and_none_is_debited_on_denial() {
+    let mut t = start(LIMITS).await;
+    let org = || desc(&[("kind", "org"), ("org", "acme")]);
+    // Use up the per-user limit of 3 while the org (5) has room.
+    for _ in 0..3 {
+        let r = t.should(req("test", vec![org(), user("z")], 0)).await;
+        assert_eq!(code(&r), Code::Ok);
+    }
+    let r = t.should(req("test", vec![org(), user("z")], 0)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    assert_eq!(r.statuses[0].code, Code::Ok as i32, "org had room");
+    assert_eq!(r.statuses[1].code, Code::OverLimit as i32);
+    // The denied request did not debit the org: 2 left, not 1.
+    let r = t.should(req("test", vec![org()], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 1, "5 - 3 admitted - this one");
+    // Unmatched descriptors report OK without a limit.
+    let r = t.should(req("test", vec![desc(&[("nothing", "here")])], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    assert!(r.statuses[0].current_limit.is_none());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn draft03_headers_on_request() {
+    let mut t = start_with(LIMITS, |c| c.response.draft03_headers = true).await;
+    let org = || desc(&[("kind", "org"), ("org", "h")]);
+    let r = t.should(req("test", vec![org(), user("h")], 0)).await;
+    assert_eq!(
+        header(&r, "x-ratelimit-limit"),
+        Some(r#"3, 5;w=60;name="per-org", 3;w=60;name="per-user""#)
+    );
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("2"));
+    assert_eq!(header(&r, "x-ratelimit-reset"), Some("60"));
+    t.clock.advance_ms(15_500);
+    let r = t.should(req("test", vec![user("h")], 0)).await;
+    assert_eq!(header(&r, "x-ratelimit-reset"), Some("45"), "44.5 s rounds up");
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn kuadrant_check_does_not_debit_and_report_always_does() {
+    let mut t = start(LIMITS).await;
+    let tokens = || desc(&[("kind", "tokens"), ("user", "k")]);
+    for _ in 0..5 {
+        let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 0)).await.unwrap().into_inner();
+        assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    }
+    // A check for more than is left is denied.
+    let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 101)).await.unwrap().into_inner();
+    assert_eq!(code(&r), Code::OverLimit);
+    // Report 90, then 30: the second overshoots (reports are never refused) and says so.
+    let r = t.kuadrant.report(req("test", vec![tokens()], 90)).await.unwrap().into_inner();
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 10));
+    let r = t.kuadrant.report(req("test", vec![tokens()], 30)).await.unwrap().into_inner();
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::OverLimit, 0));
+    // A report of 0 adds nothing.
+    let r = t.kuadrant.report(req("test", vec![user("k")], 0)).await.unwrap().into_inner();
+    assert_eq!(r.statuses[0].limit_remaining, 3);
+    // Now checks are denied.
+    let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 0)).await.unwrap().into_inner();
+    assert_eq!(code(&r), Code::OverLimit);
+    assert!(!r.raw_body.is_empty());
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn sixty_four_concurrent_clients_admit_exactly_the_limit() {
+    let t = start(LIMITS).await;
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        // One connection per client, like 64 Envoy workers.
+        let mut rls = tally_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient::new(
+            connect(t.server.grpc_addr).await,
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut admitted = 0u32;
+            for _ in 0..25 {
+                let d = desc(&[("kind", "big"), ("user", "hot")]);
+                let r = rls.should_rate_limit(req("test", vec![d], 0)).await.unwrap().into_inner();
+                if r.overall_code == Code::Ok as i32 {
+                    admitted += 1;
+                }
+            }
+            admitted
+        }));
+    }
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    // 64 x 25 = 1600 attempts against a limit of 1000.
+    assert_eq!(total, 1000);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument_naming_the_field() {
+    let mut t = start(LIMITS).await;
+    let long = "x".repeat(2_000);
+    let cases: Vec<(tally_proto::envoy::service::ratelimit::v3::RateLimitRequest, &str)> = vec![
+        (req("", vec![user("a")], 0), "domain"),
+        (req(&long, vec![user("a")], 0), "domain"),
+        (req("test", vec![], 0), "descriptors"),
+        (req("test", vec![desc(&[])], 0), "descriptors[0].entries"),
+        (req("test", vec![user("a"), desc(&[("", "v")])], 0), "descriptors[1].entries[0].key"),
+        (req("test", vec![desc(&[(long.as_str(), "v")])], 0), "descriptors[0].entries[0].key"),
+        (req("test", vec![desc(&[("k", long.as_str())])], 0), "descriptors[0].entries[0].value"),
+        (req("test", (0..65).map(|_| user("a")).collect(), 0), "descriptors"),
+        (
+            req("test", vec![desc(&(0..33).map(|_| ("k", "v")).collect::<Vec<_>>())], 0),
+            "descriptors[0].entries",
+        ),
+        (req("test", vec![with_override(user("a"), 1, 0)], 0), "descriptors[0].limit.unit"),
+        (req("test", vec![with_override(user("a"), 1, 42)], 0), "descriptors[0].limit.unit"),
+    ];
+    for (r, field) in cases {
+        let status = t.should_err(r.clone()).await;
+        assert_eq!(status.code(), GrpcCode::InvalidArgument, "{field}: {status:?}");
+        assert!(
+            status.message().starts_with(&format!("invalid {field}:")),
+            "message {:?} names {field}",
+            status.message()
+        );
+        // Kuadrant's services validate alike.
+        let status = t.kuadrant.report(r).await.expect_err("refused");
+        assert_eq!(status.code(), GrpcCode::InvalidArgument);
+    }
+    // Nothing of the refused requests was counted.
+    let r = t.should(req("test", vec![user("a")], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 2);
+    t.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_counter_table_refuses_new_counters_without_half_applying() {
+    let mut t = start_with(LIMITS, |c| c.engine.max_counters = 2).await;
+    assert_eq!(code(&t.should(req("test", vec![user("1")], 0)).await), Code::Ok);
+    assert_eq!(code(&t.should(req("test", vec![user("2")], 0)).await), Code::Ok);
+    let org = desc(&[("kind", "org"), ("org", "new")]);
+    let status = t.should_err(req("test", vec![user("1"), org], 0)).await;
+    assert_eq!(status.code(), GrpcCode::ResourceExhausted);
+    // user 1 was not debited by the refused request.
+    let r = t.should(req("test", vec![user("1")], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 1);
+    // Once the windows pass, idle counters are reclaimed and new keys fit again.
+    t.clock.advance_ms(120_000);
+    assert_eq!(code(&t.should(req("test", vec![user("3")], 0)).await), Code::Ok);
+    t.stop().await;
+}
