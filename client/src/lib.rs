@@ -291,6 +291,14 @@ impl TallyClient {
     ) -> Result<T, ClientError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
+            // tonic enforces the `grpc-timeout` it sent too, and may get there first.
+            Ok(Err(status))
+                if status.code() == tonic::Code::DeadlineExceeded
+                    || (status.code() == tonic::Code::Cancelled
+                        && status.message().contains("Timeout expired")) =>
+            {
+                Err(ClientError::Timeout(self.timeout))
+            }
             Ok(Err(status)) => Err(status.into()),
             Err(_) => Err(ClientError::Timeout(self.timeout)),
         }

@@ -14,4 +14,3 @@ pub mod config;
 pub mod engine;
 pub mod node;
 pub mod server;
-

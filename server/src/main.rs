@@ -122,9 +122,26 @@ async fn shutdown_signal() {
     tracing::info!("shutdown signal received; finishing in-flight calls");
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tallyd: cannot start the async runtime: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(serve(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, causes joined: operators read this in service logs.
+            eprintln!("tallyd: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
     init_logging(&args)?;
     let limits = match &args.limits {
         Some(path) => LimitsSource::File(path.clone()),

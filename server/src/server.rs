@@ -77,13 +77,10 @@ impl Default for ServerConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("limits: {0}")]
+    #[error(transparent)]
     Limits(#[from] config::ConfigError),
-    #[error("cannot read limits file {path}: {source}")]
-    LimitsFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read limits file {path}: {error}")]
+    LimitsFile { path: PathBuf, error: std::io::Error },
     #[error("limits refused by the engine: {0}")]
     LimitsRejected(crate::engine::CommandError),
     #[error("node stopped")]
@@ -102,7 +99,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let (initial, fingerprint) = load_initial(&config).await?;
-    let node = Node::start_local(Engine::new(config.engine), config.clock.clone(), config.batch);
+    let node = Node::start_local(
+        Engine::new(config.engine),
+        config.clock.clone(),
+        config.batch,
+    );
     replace_limits(&node, initial).await?;
     let readiness = Readiness::default();
     readiness.set_ready();
@@ -127,7 +128,9 @@ pub async fn run(
     let http_app = api::http::router(node.clone(), readiness);
     let http_stop = stopped(stop_rx.clone());
     let http_task = tokio::spawn(async move {
-        axum::serve(http, http_app).with_graceful_shutdown(http_stop).await
+        axum::serve(http, http_app)
+            .with_graceful_shutdown(http_stop)
+            .await
     });
     let incoming = limited_incoming(grpc, config.max_connections, stop_rx.clone());
     tonic::transport::Server::builder()
@@ -191,12 +194,12 @@ fn fingerprint(text: &str) -> u64 {
 async fn load_initial(config: &ServerConfig) -> Result<(LimitSet, u64), ServerError> {
     match &config.limits {
         LimitsSource::File(path) => {
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|source| ServerError::LimitsFile {
+            let text = tokio::fs::read_to_string(path).await.map_err(|error| {
+                ServerError::LimitsFile {
                     path: path.clone(),
-                    source,
-                })?;
+                    error,
+                }
+            })?;
             let origin = path.display().to_string();
             let set = config::parse_limits(&text, config.limits_format, &origin)?;
             Ok((set, fingerprint(&text)))
@@ -252,7 +255,9 @@ async fn watch_limits(
                 Ok((limits, kept)) => {
                     tracing::info!(path = %path.display(), limits, kept, "limits reloaded")
                 }
-                Err(e) => tracing::error!(error = %e, "limits reload refused; limits in force stay"),
+                Err(e) => {
+                    tracing::error!(error = %e, "limits reload refused; limits in force stay")
+                }
             },
             Ok(Err(e)) => tracing::error!(error = %e, "limits file refused; limits in force stay"),
             Err(e) => tracing::error!(error = %e, "limits parser failed; limits in force stay"),

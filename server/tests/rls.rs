@@ -52,7 +52,10 @@ async fn admits_up_to_capacity_then_429_with_body_and_statuses() {
         // T0 is aligned to a minute: the window resets in exactly 60 s.
         assert_eq!(s.duration_until_reset.unwrap().seconds, 60);
         assert!(r.raw_body.is_empty(), "no body on OK");
-        assert!(header(&r, "content-type").is_none(), "no content-type on OK");
+        assert!(
+            header(&r, "content-type").is_none(),
+            "no content-type on OK"
+        );
     }
     let r = t.should(req("test", vec![user("alice")], 0)).await;
     assert_eq!(code(&r), Code::OverLimit);
@@ -80,7 +83,10 @@ async fn request_hits_addend_zero_means_one_and_n_means_n() {
     assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 1));
     // 2 more do not fit in the 1 left: denied, nothing debited.
     let r = t.should(req("test", vec![user("a")], 2)).await;
-    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::OverLimit, 1));
+    assert_eq!(
+        (code(&r), r.statuses[0].limit_remaining),
+        (Code::OverLimit, 1)
+    );
     let r = t.should(req("test", vec![user("a")], 0)).await;
     assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 0));
     t.stop().await;
@@ -96,7 +102,9 @@ async fn per_descriptor_hits_override_and_present_zero_checks_only() {
         assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
     }
     // Stream end: 60 tokens (overrides the request's 7).
-    let r = t.should(req("test", vec![with_hits(tokens(), 60)], 7)).await;
+    let r = t
+        .should(req("test", vec![with_hits(tokens(), 60)], 7))
+        .await;
     assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 40));
     // Without a per-descriptor value, the request's hits apply.
     let r = t.should(req("test", vec![tokens()], 40)).await;
@@ -122,15 +130,27 @@ async fn descriptor_limit_override_replaces_configured_limit() {
     assert_eq!(code(&r), Code::Ok);
     let limit = r.statuses[0].current_limit.as_ref().unwrap();
     assert_eq!((limit.requests_per_unit, limit.unit), (1, 3), "1 per HOUR");
-    assert_eq!(code(&t.should(req("test", vec![d()], 0)).await), Code::OverLimit);
+    assert_eq!(
+        code(&t.should(req("test", vec![d()], 0)).await),
+        Code::OverLimit
+    );
     // The configured per-user limit (3/min) was not touched.
     let r = t.should(req("test", vec![user("o")], 0)).await;
     assert_eq!(r.statuses[0].limit_remaining, 2);
     // Overrides work in a domain with no configured limits too.
     let other = || with_override(desc(&[("x", "y")]), 2, RateLimitUnit::Second as i32);
-    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::Ok);
-    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::Ok);
-    assert_eq!(code(&t.should(req("nowhere", vec![other()], 0)).await), Code::OverLimit);
+    assert_eq!(
+        code(&t.should(req("nowhere", vec![other()], 0)).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(&t.should(req("nowhere", vec![other()], 0)).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(&t.should(req("nowhere", vec![other()], 0)).await),
+        Code::OverLimit
+    );
     t.stop().await;
 }
 
@@ -149,9 +169,14 @@ async fn all_descriptors_must_pass_and_none_is_debited_on_denial() {
     assert_eq!(r.statuses[1].code, Code::OverLimit as i32);
     // The denied request did not debit the org: 2 left, not 1.
     let r = t.should(req("test", vec![org()], 0)).await;
-    assert_eq!(r.statuses[0].limit_remaining, 1, "5 - 3 admitted - this one");
+    assert_eq!(
+        r.statuses[0].limit_remaining, 1,
+        "5 - 3 admitted - this one"
+    );
     // Unmatched descriptors report OK without a limit.
-    let r = t.should(req("test", vec![desc(&[("nothing", "here")])], 0)).await;
+    let r = t
+        .should(req("test", vec![desc(&[("nothing", "here")])], 0))
+        .await;
     assert_eq!(code(&r), Code::Ok);
     assert!(r.statuses[0].current_limit.is_none());
     t.stop().await;
@@ -170,7 +195,11 @@ async fn draft03_headers_on_request() {
     assert_eq!(header(&r, "x-ratelimit-reset"), Some("60"));
     t.clock.advance_ms(15_500);
     let r = t.should(req("test", vec![user("h")], 0)).await;
-    assert_eq!(header(&r, "x-ratelimit-reset"), Some("45"), "44.5 s rounds up");
+    assert_eq!(
+        header(&r, "x-ratelimit-reset"),
+        Some("45"),
+        "44.5 s rounds up"
+    );
     t.stop().await;
 }
 
@@ -179,22 +208,55 @@ async fn kuadrant_check_does_not_debit_and_report_always_does() {
     let mut t = start(LIMITS).await;
     let tokens = || desc(&[("kind", "tokens"), ("user", "k")]);
     for _ in 0..5 {
-        let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 0)).await.unwrap().into_inner();
+        let r = t
+            .kuadrant
+            .check_rate_limit(req("test", vec![tokens()], 0))
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
     }
     // A check for more than is left is denied.
-    let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 101)).await.unwrap().into_inner();
+    let r = t
+        .kuadrant
+        .check_rate_limit(req("test", vec![tokens()], 101))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&r), Code::OverLimit);
     // Report 90, then 30: the second overshoots (reports are never refused) and says so.
-    let r = t.kuadrant.report(req("test", vec![tokens()], 90)).await.unwrap().into_inner();
+    let r = t
+        .kuadrant
+        .report(req("test", vec![tokens()], 90))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 10));
-    let r = t.kuadrant.report(req("test", vec![tokens()], 30)).await.unwrap().into_inner();
-    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::OverLimit, 0));
+    let r = t
+        .kuadrant
+        .report(req("test", vec![tokens()], 30))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (code(&r), r.statuses[0].limit_remaining),
+        (Code::OverLimit, 0)
+    );
     // A report of 0 adds nothing.
-    let r = t.kuadrant.report(req("test", vec![user("k")], 0)).await.unwrap().into_inner();
+    let r = t
+        .kuadrant
+        .report(req("test", vec![user("k")], 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.statuses[0].limit_remaining, 3);
     // Now checks are denied.
-    let r = t.kuadrant.check_rate_limit(req("test", vec![tokens()], 0)).await.unwrap().into_inner();
+    let r = t
+        .kuadrant
+        .check_rate_limit(req("test", vec![tokens()], 0))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(code(&r), Code::OverLimit);
     assert!(!r.raw_body.is_empty());
     t.stop().await;
@@ -213,7 +275,11 @@ async fn sixty_four_concurrent_clients_admit_exactly_the_limit() {
             let mut admitted = 0u32;
             for _ in 0..25 {
                 let d = desc(&[("kind", "big"), ("user", "hot")]);
-                let r = rls.should_rate_limit(req("test", vec![d], 0)).await.unwrap().into_inner();
+                let r = rls
+                    .should_rate_limit(req("test", vec![d], 0))
+                    .await
+                    .unwrap()
+                    .into_inner();
                 if r.overall_code == Code::Ok as i32 {
                     admitted += 1;
                 }
@@ -234,25 +300,54 @@ async fn sixty_four_concurrent_clients_admit_exactly_the_limit() {
 async fn bad_input_is_invalid_argument_naming_the_field() {
     let mut t = start(LIMITS).await;
     let long = "x".repeat(2_000);
-    let cases: Vec<(tally_proto::envoy::service::ratelimit::v3::RateLimitRequest, &str)> = vec![
+    let cases: Vec<(
+        tally_proto::envoy::service::ratelimit::v3::RateLimitRequest,
+        &str,
+    )> = vec![
         (req("", vec![user("a")], 0), "domain"),
         (req(&long, vec![user("a")], 0), "domain"),
         (req("test", vec![], 0), "descriptors"),
         (req("test", vec![desc(&[])], 0), "descriptors[0].entries"),
-        (req("test", vec![user("a"), desc(&[("", "v")])], 0), "descriptors[1].entries[0].key"),
-        (req("test", vec![desc(&[(long.as_str(), "v")])], 0), "descriptors[0].entries[0].key"),
-        (req("test", vec![desc(&[("k", long.as_str())])], 0), "descriptors[0].entries[0].value"),
-        (req("test", (0..65).map(|_| user("a")).collect(), 0), "descriptors"),
         (
-            req("test", vec![desc(&(0..33).map(|_| ("k", "v")).collect::<Vec<_>>())], 0),
+            req("test", vec![user("a"), desc(&[("", "v")])], 0),
+            "descriptors[1].entries[0].key",
+        ),
+        (
+            req("test", vec![desc(&[(long.as_str(), "v")])], 0),
+            "descriptors[0].entries[0].key",
+        ),
+        (
+            req("test", vec![desc(&[("k", long.as_str())])], 0),
+            "descriptors[0].entries[0].value",
+        ),
+        (
+            req("test", (0..65).map(|_| user("a")).collect(), 0),
+            "descriptors",
+        ),
+        (
+            req(
+                "test",
+                vec![desc(&(0..33).map(|_| ("k", "v")).collect::<Vec<_>>())],
+                0,
+            ),
             "descriptors[0].entries",
         ),
-        (req("test", vec![with_override(user("a"), 1, 0)], 0), "descriptors[0].limit.unit"),
-        (req("test", vec![with_override(user("a"), 1, 42)], 0), "descriptors[0].limit.unit"),
+        (
+            req("test", vec![with_override(user("a"), 1, 0)], 0),
+            "descriptors[0].limit.unit",
+        ),
+        (
+            req("test", vec![with_override(user("a"), 1, 42)], 0),
+            "descriptors[0].limit.unit",
+        ),
     ];
     for (r, field) in cases {
         let status = t.should_err(r.clone()).await;
-        assert_eq!(status.code(), GrpcCode::InvalidArgument, "{field}: {status:?}");
+        assert_eq!(
+            status.code(),
+            GrpcCode::InvalidArgument,
+            "{field}: {status:?}"
+        );
         assert!(
             status.message().starts_with(&format!("invalid {field}:")),
             "message {:?} names {field}",
@@ -271,8 +366,14 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
 #[tokio::test]
 async fn a_full_counter_table_refuses_new_counters_without_half_applying() {
     let mut t = start_with(LIMITS, |c| c.engine.max_counters = 2).await;
-    assert_eq!(code(&t.should(req("test", vec![user("1")], 0)).await), Code::Ok);
-    assert_eq!(code(&t.should(req("test", vec![user("2")], 0)).await), Code::Ok);
+    assert_eq!(
+        code(&t.should(req("test", vec![user("1")], 0)).await),
+        Code::Ok
+    );
+    assert_eq!(
+        code(&t.should(req("test", vec![user("2")], 0)).await),
+        Code::Ok
+    );
     let org = desc(&[("kind", "org"), ("org", "new")]);
     let status = t.should_err(req("test", vec![user("1"), org], 0)).await;
     assert_eq!(status.code(), GrpcCode::ResourceExhausted);
@@ -281,6 +382,9 @@ async fn a_full_counter_table_refuses_new_counters_without_half_applying() {
     assert_eq!(r.statuses[0].limit_remaining, 1);
     // Once the windows pass, idle counters are reclaimed and new keys fit again.
     t.clock.advance_ms(120_000);
-    assert_eq!(code(&t.should(req("test", vec![user("3")], 0)).await), Code::Ok);
+    assert_eq!(
+        code(&t.should(req("test", vec![user("3")], 0)).await),
+        Code::Ok
+    );
     t.stop().await;
 }

@@ -6,11 +6,10 @@ use tally_proto::tally::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::engine::limits::{
-    CalendarUnit, Capacity, DescriptorKey, EntryCondition, LimitSpec, Scope, ValueMatch,
-    WindowSpec,
-};
 use crate::engine::EngineStatus;
+use crate::engine::limits::{
+    CalendarUnit, Capacity, DescriptorKey, EntryCondition, LimitSpec, Scope, ValueMatch, WindowSpec,
+};
 use crate::node::Node;
 
 pub struct Admin {
@@ -98,7 +97,9 @@ fn describe_window(w: &WindowSpec) -> String {
         } => format!("token_bucket {refill_amount} per {refill_every_ms}ms"),
         WindowSpec::Calendar { unit, time_zone } => match unit {
             CalendarUnit::Day => format!("calendar day {time_zone}"),
-            CalendarUnit::Week { start } => format!("calendar week from ISO weekday {start} {time_zone}"),
+            CalendarUnit::Week { start } => {
+                format!("calendar week from ISO weekday {start} {time_zone}")
+            }
             CalendarUnit::Month { day } => format!("calendar month from day {day} {time_zone}"),
             CalendarUnit::Year { month, day } => {
                 format!("calendar year from {month:02}-{day:02} {time_zone}")

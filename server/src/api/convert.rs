@@ -2,11 +2,11 @@
 
 use tally_proto::envoy::config::core::v3::HeaderValue;
 use tally_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
-use tally_proto::envoy::r#type::v3::RateLimitUnit;
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_response::{
     Code as WireCode, DescriptorStatus as WireStatus, RateLimit, rate_limit::Unit as WireUnit,
 };
 use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
+use tally_proto::envoy::r#type::v3::RateLimitUnit;
 
 use crate::engine::limits::Unit;
 use crate::engine::{
@@ -51,7 +51,7 @@ impl From<RateLimitDescriptor> for Descriptor {
     fn from(d: RateLimitDescriptor) -> Descriptor {
         Descriptor {
             entries: d.entries.into_iter().map(|e| (e.key, e.value)).collect(),
-            hits: d.hits_addend.map(|h| h),
+            hits: d.hits_addend,
             limit_override: d.limit.map(|o| LimitOverride {
                 requests_per_unit: u64::from(o.requests_per_unit),
                 unit: RateLimitUnit::try_from(o.unit).map_or(Unit::Unknown, Unit::from),
@@ -158,7 +158,10 @@ fn draft03_headers(decision: &Decision) -> Vec<HeaderValue> {
         .iter()
         .filter(|s| s.current_limit.is_some())
         .collect();
-    let Some(tightest) = limited.iter().min_by_key(|s| (s.code == Code::Ok, s.remaining)) else {
+    let Some(tightest) = limited
+        .iter()
+        .min_by_key(|s| (s.code == Code::Ok, s.remaining))
+    else {
         return Vec::new();
     };
     let lead = tightest.current_limit.as_ref().expect("filtered above");
@@ -180,6 +183,9 @@ fn draft03_headers(decision: &Decision) -> Vec<HeaderValue> {
     vec![
         header("x-ratelimit-limit", limit),
         header("x-ratelimit-remaining", tightest.remaining.to_string()),
-        header("x-ratelimit-reset", tightest.reset_in_ms.div_ceil(1_000).to_string()),
+        header(
+            "x-ratelimit-reset",
+            tightest.reset_in_ms.div_ceil(1_000).to_string(),
+        ),
     ]
 }

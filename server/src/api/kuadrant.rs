@@ -27,7 +27,11 @@ impl RateLimitService for Kuadrant {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let cmd = convert::command(request.into_inner(), Mode::CheckOnly, RequestHits::ZeroMeansOne);
+        let cmd = convert::command(
+            request.into_inner(),
+            Mode::CheckOnly,
+            RequestHits::ZeroMeansOne,
+        );
         decide(&self.node, cmd, self.options).await
     }
 

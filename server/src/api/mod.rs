@@ -40,7 +40,9 @@ pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
     health_reporter
         .set_serving::<KuadrantServer<kuadrant::Kuadrant>>()
         .await;
-    health_reporter.set_serving::<AdminServer<admin::Admin>>().await;
+    health_reporter
+        .set_serving::<AdminServer<admin::Admin>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()

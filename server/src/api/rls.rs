@@ -40,7 +40,11 @@ impl RateLimitService for Rls {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let cmd = convert::command(request.into_inner(), Mode::Enforce, RequestHits::ZeroMeansOne);
+        let cmd = convert::command(
+            request.into_inner(),
+            Mode::Enforce,
+            RequestHits::ZeroMeansOne,
+        );
         decide(&self.node, cmd, self.options).await
     }
 }

@@ -63,7 +63,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
-use super::{Built, ConfigError, FieldPath, Source, check_string, show};
+use super::{Built, ConfigError, FieldPath, Source, check_name, check_string, show};
 use crate::engine::limits::{
     CalendarUnit, Capacity, DescriptorKey, EntryCondition, LimitSpec, MAX_LIMIT_TERMS, MAX_LIMITS,
     Scope, ValueMatch, WindowSpec,
@@ -128,7 +128,12 @@ struct Level {
 /// Parses an envoyproxy/ratelimit config file into limits.
 pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
     let file: EnvoyFile = src.parse()?;
-    check_string(src, &FieldPath::root().key("domain"), &file.domain, true)?;
+    check_name(
+        src,
+        &FieldPath::root().key("domain"),
+        &file.domain,
+        crate::engine::command::MAX_DOMAIN_BYTES,
+    )?;
     let mut out = Vec::new();
     let nodes = file.descriptors.unwrap_or_default();
     walk(
@@ -160,7 +165,12 @@ fn walk(
     // Siblings: bounds, duplicates, overlapping wildcards.
     let mut seen: HashMap<(&str, Option<&str>), usize> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
-        check_string(src, &here(i).key("key"), &node.key, true)?;
+        check_name(
+            src,
+            &here(i).key("key"),
+            &node.key,
+            crate::engine::command::MAX_KEY_BYTES,
+        )?;
         if let Some(v) = &node.value {
             check_string(src, &here(i).key("value"), v, false)?;
         }

@@ -36,7 +36,7 @@
 
 use serde::Deserialize;
 
-use super::{Built, ConfigError, FieldPath, Source, check_string, check_terms};
+use super::{Built, ConfigError, FieldPath, Source, check_name, check_string, check_terms};
 use crate::engine::limits::{Capacity, LimitSpec, MAX_LIMITS, MAX_WINDOW_MS, Scope, WindowSpec};
 
 #[derive(Deserialize)]
@@ -66,7 +66,12 @@ pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
         if out.len() >= MAX_LIMITS {
             return Err(src.invalid(&path, format!("more than {MAX_LIMITS} limits in one set")));
         }
-        check_string(src, &path.key("namespace"), &raw.namespace, true)?;
+        check_name(
+            src,
+            &path.key("namespace"),
+            &raw.namespace,
+            crate::engine::command::MAX_DOMAIN_BYTES,
+        )?;
         let name = raw.name.unwrap_or_default();
         check_string(src, &path.key("name"), &name, false)?;
         if raw.seconds == 0 {
@@ -247,6 +252,7 @@ mod tests {
     use super::super::tests::err;
     use super::super::{Format, load_limits_file, parse_limits};
     use super::*;
+    use crate::engine::cel::nesting;
 
     fn limit(
         ns: &str,
@@ -441,16 +447,61 @@ mod tests {
     }
 
     #[test]
+    fn cel_nesting_is_bounded() {
+        assert_eq!(nesting("descriptors[0]['a'] == 'b'"), 1);
+        assert_eq!(
+            nesting("size(descriptors.filter(d, d['x'] in ['a', 'b'])) > 0"),
+            3
+        );
+        assert_eq!(
+            nesting(r#"'(((' + "[[[" + '''{{{''' + 'it\'s (' + x[0]"#),
+            1
+        );
+        assert_eq!(nesting("'unterminated ((("), 0);
+        let ok = format!("{}1{}", "(".repeat(8), ")".repeat(8));
+        parse_limits(
+            &format!("- namespace: a\n  max_value: 1\n  seconds: 1\n  conditions: ['descriptors[0][\"a\"] == \"b\" && {ok} == 1']\n"),
+            None,
+            "l.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let deep = format!("{}1{}", "[".repeat(9), "]".repeat(9));
+        let e = err(
+            &format!("- namespace: a\n  max_value: 1\n  seconds: 1\n  variables: ['{deep}']\n"),
+            None,
+        );
+        assert_eq!(
+            e,
+            "limits.yaml: line 4: [0].variables[0]: invalid CEL: brackets and operators nested 9 deep, more than the 8 allowed"
+        );
+    }
+
+    #[test]
     fn deeply_nested_cel_is_an_error_not_a_crash() {
         let deep = format!("{}1{}", "(".repeat(500), ")".repeat(500));
         let e = err(
             &format!("- namespace: a\n  max_value: 1\n  seconds: 1\n  conditions: ['{deep}']\n"),
             None,
         );
+        assert_eq!(
+            e,
+            "limits.yaml: line 4: [0].conditions[0]: invalid CEL: brackets and operators nested 500 deep, more than the 8 allowed"
+        );
+        // Ternaries nest too: refused by the same bound, with a bounded message.
+        let e = parse_limits(
+            &format!(
+                "- namespace: a\n  max_value: 1\n  seconds: 1\n  conditions: ['{}true']\n",
+                "a ? ".repeat(150)
+            ),
+            None,
+            "l.yaml",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(
-            e.starts_with("limits.yaml: line 4: [0].conditions[0]: invalid CEL: "),
+            e.starts_with("l.yaml: line 4: [0].conditions[0]: invalid CEL: "),
             "{e}"
         );
-        assert!(e.len() < 600, "{e}");
+        assert!(e.len() < 500, "{e}");
     }
 }

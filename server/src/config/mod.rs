@@ -281,6 +281,9 @@ pub fn load_limits_file(
 }
 
 fn detect(src: &Source<'_>) -> Result<Format, ConfigError> {
+    if let Some(format) = quick_detect(src.text) {
+        return Ok(format);
+    }
     let root = match src.tree_result() {
         Ok(root) => root,
         Err(e) => return Err(src.yaml_error(e)),
@@ -316,6 +319,34 @@ fn detect(src: &Source<'_>) -> Result<Format, ConfigError> {
             )),
         },
         NodeKind::Scalar => Err(fail("the document is empty or a single value")),
+    }
+}
+
+/// Detection from the text alone, for the usual block-style map (parsing a big file twice
+/// would double its load time): the keys written at column 0. `None` when unsure.
+fn quick_detect(text: &str) -> Option<Format> {
+    let mut keys = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_end();
+        if line.is_empty() || line.starts_with([' ', '\t', '#']) || line == "---" {
+            continue;
+        }
+        let first = line.as_bytes()[0];
+        if !(first.is_ascii_alphabetic() || first == b'_') {
+            return None;
+        }
+        let (key, rest) = line.split_once(':')?;
+        if !(rest.is_empty() || rest.starts_with([' ', '\t'])) {
+            return None;
+        }
+        keys.push(key.trim_end());
+    }
+    if keys.contains(&"domains") {
+        Some(Format::Native)
+    } else if keys.contains(&"domain") {
+        Some(Format::Envoy)
+    } else {
+        None
     }
 }
 
@@ -669,13 +700,16 @@ impl<'a> Source<'a> {
         }
     }
 
-    /// The field path of the innermost node at or before `line:column`.
+    /// The field path of the innermost node at or before `line:column`. Nodes have no end
+    /// position, so a block node is left when the position is on a later line and indented
+    /// less than the node.
     fn path_at(&self, line: u64, column: u64) -> FieldPath {
         let mut path = FieldPath::root();
         let Some(mut node) = self.tree() else {
             return path;
         };
         let pos = (line, column);
+        let inside = |n: &Node| (n.line, n.column) <= pos && (n.line == line || column >= n.column);
         loop {
             match &node.kind {
                 NodeKind::Map(entries) => {
@@ -683,7 +717,7 @@ impl<'a> Source<'a> {
                         break;
                     };
                     path.0.push(Seg::Key(e.key.clone()));
-                    if (e.value.line, e.value.column) > pos {
+                    if !inside(&e.value) {
                         break;
                     }
                     node = &e.value;
@@ -697,6 +731,9 @@ impl<'a> Source<'a> {
                     else {
                         break;
                     };
+                    if !inside(item) {
+                        break;
+                    }
                     path.0.push(Seg::Index(i));
                     node = item;
                 }
@@ -714,7 +751,13 @@ impl<'a> Source<'a> {
             None => (None, String::new()),
             Some(l) => {
                 let path = self.path_at(l.line(), l.column());
-                if message.starts_with("missing field") && !path.0.is_empty() {
+                if let serde_saphyr::Error::DuplicateMappingKey { key: Some(key), .. } =
+                    err.without_snippet()
+                {
+                    // The tree keeps the first of the two: the position falls after it.
+                    let path = path.parent().key(key);
+                    (Some(l.line()), path.to_string())
+                } else if message.starts_with("missing field") && !path.0.is_empty() {
                     // Reported at the map's last key: the field belongs to the map.
                     let parent = path.parent();
                     (self.line_of(&parent).or(Some(l.line())), parent.to_string())
@@ -815,6 +858,24 @@ pub(crate) fn check_string(
     Ok(())
 }
 
+/// Checks a domain or entry key: not empty, and no longer than `max` bytes (the bounds
+/// requests are held to, so a limit that could never match is refused at load).
+pub(crate) fn check_name(
+    src: &Source<'_>,
+    path: &FieldPath,
+    s: &str,
+    max: usize,
+) -> Result<(), ConfigError> {
+    check_string(src, path, s, true)?;
+    if s.len() > max {
+        return Err(src.invalid(
+            path,
+            format!("{} bytes is longer than the {max} bytes allowed", s.len()),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a list's length against [`MAX_LIMIT_TERMS`].
 pub(crate) fn check_terms(
     src: &Source<'_>,
@@ -904,8 +965,30 @@ pub(crate) mod tests {
             assert!(e.contains("cannot tell the limits format"), "{bad:?}: {e}");
             assert!(e.starts_with("<input>: line "), "{bad:?}: {e}");
         }
-        let e = detect_format("domains: [\n").unwrap_err();
+        // Flow style and odd layouts go through the parser.
+        assert_eq!(detect_format("{ domains: [] }").unwrap(), Format::Native);
+        assert_eq!(
+            detect_format("--- # doc\n\"domain\": a\n").unwrap(),
+            Format::Envoy
+        );
+        assert_eq!(
+            detect_format("%YAML 1.2\n---\ndescriptors: []\ndomain: a\n").unwrap(),
+            Format::Envoy
+        );
+        assert_eq!(
+            quick_detect("descriptors:\n  - key: a\ndomain: d\n"),
+            Some(Format::Envoy)
+        );
+        assert_eq!(
+            quick_detect("domains:\n  - domain: d\n"),
+            Some(Format::Native)
+        );
+        assert_eq!(quick_detect("- namespace: a\n"), None);
+        assert_eq!(quick_detect("{ domains: [] }"), None);
+        let e = detect_format("[domains\n").unwrap_err();
         assert_eq!(e.line(), Some(1), "{e}");
+        let e = parse_limits("domains: [\n", None, "x").unwrap_err();
+        assert_eq!(e.to_string(), "x: line 1: unclosed bracket '['");
     }
 
     #[test]

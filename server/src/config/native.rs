@@ -65,7 +65,8 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor, value::MapAcc
 use serde_saphyr::Spanned;
 
 use super::{
-    Built, ConfigError, FieldPath, Source, check_string, check_terms, check_time_zone, show,
+    Built, ConfigError, FieldPath, Source, check_name, check_string, check_terms, check_time_zone,
+    show,
 };
 use crate::engine::limits::{
     CalendarUnit, Capacity, DescriptorKey, EntryCondition, LimitSpec, MAX_BUCKET_UNITS, MAX_LIMITS,
@@ -329,7 +330,12 @@ pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
     let root = FieldPath::root().key("domains");
     for (d, dom) in file.domains.iter().enumerate() {
         let dpath = root.index(d);
-        check_string(src, &dpath.key("domain"), &dom.domain, true)?;
+        check_name(
+            src,
+            &dpath.key("domain"),
+            &dom.domain,
+            crate::engine::command::MAX_DOMAIN_BYTES,
+        )?;
         if let Some(first) = domains.get(dom.domain.as_str()) {
             return Err(src.invalid(
                 &dpath.key("domain"),
@@ -369,7 +375,7 @@ fn limit(
     let mut absent = HashSet::new();
     for (key, value) in &raw.match_.0 {
         let kpath = mpath.key(key);
-        check_string(src, &kpath, key, true)?;
+        check_name(src, &kpath, key, crate::engine::command::MAX_KEY_BYTES)?;
         let condition = condition(src, &kpath, key, value)?;
         if matches!(condition, EntryCondition::Absent { .. }) {
             absent.insert(key.as_str());
@@ -381,7 +387,12 @@ fn limit(
     check_terms(src, &bpath, raw.by.0.len())?;
     let mut seen = HashSet::new();
     for (i, key) in raw.by.0.iter().enumerate() {
-        check_string(src, &bpath.index(i), key, true)?;
+        check_name(
+            src,
+            &bpath.index(i),
+            key,
+            crate::engine::command::MAX_KEY_BYTES,
+        )?;
         if !seen.insert(key.as_str()) {
             return Err(src.invalid(
                 &bpath.index(i),
@@ -555,9 +566,10 @@ fn condition(
     })
 }
 
-/// The source text of a plain scalar (a number or boolean written as a match value).
+/// The source text of a plain scalar (a number or boolean written as a match value), where
+/// it is defined (an alias points at its anchor).
 fn raw_text<'s>(src: &Source<'s>, raw: &Spanned<MatchRaw>) -> Option<&'s str> {
-    let span = raw.referenced.span();
+    let span = raw.defined.span();
     let start = usize::try_from(span.byte_offset()?).ok()?;
     let len = usize::try_from(span.byte_len()?).ok()?;
     src.text.get(start..start.checked_add(len)?)
@@ -844,7 +856,8 @@ fn window(
     }
 
     let Some(bucket) = &map.token_bucket else {
-        unreachable!("exactly one window kind is set");
+        // Not reached: exactly one window kind is set, and the others returned above.
+        return Err(src.invalid(path, "no window kind".to_owned()));
     };
     let bpath = path.key("token_bucket");
     let refill_every_ms = duration(&bucket.every, &bpath.key("every"))?;
@@ -1054,6 +1067,25 @@ mod tests {
         );
         assert_eq!(set.limits.len(), 2);
         assert_eq!(set.limits[1].name, "");
+    }
+
+    #[test]
+    fn anchors_and_aliases_reuse_values() {
+        let set = parse(
+            "domains:\n  - domain: d\n    limits:\n      - name: a\n        match: &free { tier: free, code: 429 }\n        capacity: 1\n        window: &minute { rolling: 60s, resolution: 1s }\n      - name: b\n        match: *free\n        capacity: 2\n        window: *minute\n",
+        );
+        assert_eq!(set.limits[0].scope, set.limits[1].scope);
+        assert_eq!(set.limits[1].window, rolling(60_000));
+        let Scope::Descriptor { conditions, .. } = &set.limits[1].scope else {
+            panic!()
+        };
+        assert_eq!(
+            conditions[1],
+            EntryCondition::Equals {
+                key: "code".into(),
+                value: "429".into()
+            }
+        );
     }
 
     #[test]
@@ -1488,6 +1520,22 @@ mod tests {
         assert_eq!(
             e,
             "limits.yaml: line 4: domains[0].domain: duplicate key \"domain\""
+        );
+        let e = err(
+            "domains:\n  - domain: a\n    limits:\n      - name: x\n        capacity: 1\n    domain: b\n",
+            None,
+        );
+        assert_eq!(
+            e,
+            "limits.yaml: line 6: domains[0].domain: duplicate key \"domain\""
+        );
+        let e = err(
+            "domains:\n- domain: a\n  limits:\n  - name: x\n    capacity: 1\n    window: 1s\n    name: y\n",
+            None,
+        );
+        assert_eq!(
+            e,
+            "limits.yaml: line 7: domains[0].limits[0].name: duplicate key \"name\""
         );
         let e = err(&one("capacity: 5\nwindow: 1s\nmatch: [a]"), None);
         assert_eq!(

@@ -16,6 +16,8 @@ pub const MAX_DOMAIN_BYTES: usize = 256;
 pub const MAX_KEY_BYTES: usize = 256;
 /// Longest entry value, in bytes.
 pub const MAX_VALUE_BYTES: usize = 1024;
+/// Largest per-descriptor `hits_addend` (Envoy itself drops values above 1e9).
+pub const MAX_HITS: u64 = 1_000_000_000_000;
 
 /// One command of a batch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +153,12 @@ impl RateLimitCommand {
                 format!("longer than {MAX_DOMAIN_BYTES} bytes"),
             ));
         }
+        if self.hits > MAX_HITS {
+            return Err(CommandError::invalid(
+                "hits_addend",
+                format!("{} is more than {MAX_HITS}", self.hits),
+            ));
+        }
         if self.descriptors.is_empty() {
             return Err(CommandError::invalid(
                 "descriptors",
@@ -207,6 +215,14 @@ impl Descriptor {
                     format!("longer than {MAX_VALUE_BYTES} bytes"),
                 ));
             }
+        }
+        if let Some(hits) = self.hits
+            && hits > MAX_HITS
+        {
+            return Err(CommandError::invalid(
+                field("hits_addend"),
+                format!("{hits} is more than {MAX_HITS}"),
+            ));
         }
         if let Some(o) = self.limit_override
             && o.unit == Unit::Unknown

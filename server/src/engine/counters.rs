@@ -80,6 +80,16 @@ impl Counters {
         self.map.insert(key.into(), state);
     }
 
+    /// Where the incremental sweep resumes (replicated state: it decides what is reclaimed).
+    pub fn cursor(&self) -> usize {
+        self.cursor
+    }
+
+    pub fn set_cursor(&mut self, cursor: usize) {
+        self.cursor = cursor;
+    }
+
+    /// Counters in table order (insertion order, as changed by reclamation).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &CounterState)> {
         self.map.iter().map(|(k, v)| (&**k, v))
     }
@@ -158,10 +168,10 @@ mod tests {
         // Remove the even limit ids, in budgets of 3.
         let mut removed = 0;
         for _ in 0..10 {
-            removed += c.sweep(3, |k, _| limit_id_of(k) % 2 == 0);
+            removed += c.sweep(3, |k, _| limit_id_of(k).is_multiple_of(2));
         }
         assert_eq!(removed, 5);
         assert_eq!(c.reclaimed, 5);
-        assert!(c.iter().all(|(k, _)| limit_id_of(k) % 2 == 1));
+        assert!(c.iter().all(|(k, _)| !limit_id_of(k).is_multiple_of(2)));
     }
 }

@@ -97,12 +97,17 @@ pub fn decide(ctx: Ctx<'_>, cmd: &RateLimitCommand, now_ms: i64) -> Result<Decis
         _ if admitted => Code::Ok,
         _ => Code::OverLimit,
     };
-    let shadow_exceeded = scratch
+    let mut shadow_exceeded: Vec<Arc<str>> = Vec::new();
+    for t in scratch
         .touched
         .iter()
         .filter(|t| !t.pass && is_shadow(registry, t.limit))
-        .map(|t| info_of(registry, t.limit, empty_name).name)
-        .collect();
+    {
+        let name = info_of(registry, t.limit, empty_name).name;
+        if !shadow_exceeded.contains(&name) {
+            shadow_exceeded.push(name);
+        }
+    }
     Ok(Decision {
         code,
         statuses: statuses(registry, scratch, cmd.descriptors.len(), empty_name),

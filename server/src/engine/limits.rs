@@ -12,6 +12,9 @@ pub const MAX_LIMIT_STRING_BYTES: usize = 1024;
 pub const MAX_LIMITS: usize = 100_000;
 /// Most conditions or variables one limit may hold.
 pub const MAX_LIMIT_TERMS: usize = 64;
+/// Most values one condition may list (an `In` list, or a positional match's exceptions:
+/// one per sibling in an envoyproxy/ratelimit tree).
+pub const MAX_CONDITION_VALUES: usize = 4_096;
 /// Most buckets a rolling window may have (window / resolution).
 pub const MAX_ROLLING_BUCKETS: u64 = 3_600;
 /// Longest window of any kind: ten years, in ms.

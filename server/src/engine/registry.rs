@@ -10,8 +10,8 @@ use std::sync::Arc;
 use super::cel::{self, CelExpr};
 use super::command::{CommandError, LimitInfo, MAX_DOMAIN_BYTES, MAX_KEY_BYTES};
 use super::limits::{
-    Capacity, DescriptorKey, EntryCondition, LimitSet, LimitSpec, MAX_LIMIT_STRING_BYTES,
-    MAX_LIMIT_TERMS, MAX_LIMITS, Scope, ValueMatch,
+    Capacity, DescriptorKey, EntryCondition, LimitSet, LimitSpec, MAX_CONDITION_VALUES,
+    MAX_LIMIT_STRING_BYTES, MAX_LIMIT_TERMS, MAX_LIMITS, Scope, ValueMatch,
 };
 use super::window::Window;
 
@@ -113,7 +113,14 @@ impl Registry {
     pub fn restore(limits: Vec<(u32, LimitSpec)>, next_id: u32) -> Result<Registry, CommandError> {
         let mut reg = Registry::default();
         let mut compiled = Vec::with_capacity(limits.len());
+        let mut seen = std::collections::HashSet::with_capacity(limits.len());
         for (i, (id, spec)) in limits.into_iter().enumerate() {
+            if !seen.insert(id) {
+                return Err(CommandError::invalid(
+                    format!("limits[{i}]"),
+                    "duplicate id",
+                ));
+            }
             if id >= next_id {
                 return Err(CommandError::invalid(
                     format!("limits[{i}]"),
@@ -274,8 +281,11 @@ fn check_condition(c: &EntryCondition, field: &str) -> Result<(), CommandError> 
             v
         }
     };
-    if strings.len() > 4 * MAX_LIMIT_TERMS {
-        return Err(CommandError::invalid(field, "too many values"));
+    if strings.len() > MAX_CONDITION_VALUES + 2 {
+        return Err(CommandError::invalid(
+            field,
+            format!("more than {MAX_CONDITION_VALUES} values"),
+        ));
     }
     strings
         .into_iter()

@@ -1,14 +1,15 @@
 //! The engine's whole replicated state to bytes and back.
 //!
-//! Format: the 8-byte magic `TALLYSN1`, then a postcard-encoded [`Body`]. Counters are written
-//! in key order and idle ones are left out, each brought to the snapshot's time, so two
-//! replicas that applied the same log produce byte-identical snapshots whatever their
-//! reclamation did.
+//! Format: the 8-byte magic `TALLYSN1`, then a postcard-encoded [`Body`].
+//!
+//! The counter table is written exactly as it is: in table order, idle counters included,
+//! with the reclamation cursor. The table's size decides whether a request that needs a new
+//! counter fits under the bound, and its order decides what reclamation removes next, so both
+//! are replicated state: a restored engine must hold the very same table to decide alike.
 
 use serde::{Deserialize, Serialize};
 
 use super::counters::{self, Counters, OVERRIDE_LIMIT_ID};
-use super::decide;
 use super::limits::LimitSpec;
 use super::registry::Registry;
 use super::window::{CounterState, Window};
@@ -24,6 +25,7 @@ struct Body {
     next_limit_id: u32,
     limits: Vec<(u32, LimitSpec)>,
     counters: Vec<(Vec<u8>, CounterState)>,
+    cursor: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,20 +43,11 @@ pub enum SnapshotError {
 impl Engine {
     /// Serializes the whole replicated state.
     pub fn snapshot(&self) -> Vec<u8> {
-        let now_ms = self.last_ms;
-        let mut live: Vec<(Vec<u8>, CounterState)> = self
+        let counters = self
             .counters
             .iter()
-            .filter(|(key, state)| !decide::reclaimable(&self.registry, key, state, now_ms))
-            .map(|(key, state)| {
-                let mut state = state.clone();
-                if let Some(window) = self.window_of_key(key) {
-                    window.settle(&mut state, now_ms);
-                }
-                (key.to_vec(), state)
-            })
+            .map(|(key, state)| (key.to_vec(), state.clone()))
             .collect();
-        live.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let body = Body {
             settings: self.settings,
             last_ms: self.last_ms,
@@ -66,7 +59,8 @@ impl Engine {
                 .iter()
                 .map(|id| (*id, self.registry.limits[id].spec.clone()))
                 .collect(),
-            counters: live,
+            counters,
+            cursor: self.counters.cursor() as u64,
         };
         let mut out = MAGIC.to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
@@ -96,6 +90,14 @@ impl Engine {
             }
             engine.counters.insert(&key, state);
         }
+        match usize::try_from(body.cursor) {
+            Ok(cursor) if cursor <= engine.counters.len() => engine.counters.set_cursor(cursor),
+            _ => {
+                return Err(SnapshotError::Counter(
+                    "sweep cursor beyond the table".into(),
+                ));
+            }
+        }
         Ok(engine)
     }
 
@@ -110,9 +112,11 @@ impl Engine {
         if key.len() < 4 {
             return Err(SnapshotError::Counter("key shorter than a limit id".into()));
         }
+        let id = counters::limit_id_of(key);
         let fits = match (self.window_of_key(key), state) {
-            (None, CounterState::Window { .. }) => counters::limit_id_of(key) == OVERRIDE_LIMIT_ID,
-            (None, _) => false,
+            (None, CounterState::Window { .. }) if id == OVERRIDE_LIMIT_ID => true,
+            // A counter of a limit that went away, not yet reclaimed: kept as it was.
+            (None, _) => id != OVERRIDE_LIMIT_ID && id < self.registry.next_id,
             (Some(window), state) => window.fits(state),
         };
         if fits {

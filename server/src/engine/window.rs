@@ -27,11 +27,21 @@ pub enum CounterState {
     Bucket { at_ms: i64, deficit: u64 },
 }
 
-/// The non-empty slots of a rolling window, oldest first, and their sum.
+/// The non-empty slots of a rolling window, oldest first. Their sum is computed when needed
+/// (at most [`MAX_ROLLING_BUCKETS`] additions) rather than kept: a kept sum would have to
+/// saturate, and subtracting from a saturated sum under-counts.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollingState {
     slots: VecDeque<(i64, u64)>,
-    total: u64,
+}
+
+impl RollingState {
+    /// Hits in the slots still held, saturating (a saturated sum exceeds any capacity).
+    fn total(&self) -> u64 {
+        self.slots
+            .iter()
+            .fold(0u64, |sum, (_, n)| sum.saturating_add(*n))
+    }
 }
 
 /// A window compiled for use: the time zone resolved, the current calendar window cached.
@@ -201,20 +211,16 @@ impl Window {
                 },
             ) => {
                 let oldest_kept = now_ms.div_euclid(*resolution_ms) - slots + 1;
-                while let Some(&(slot, hits)) = r.slots.front() {
-                    if slot >= oldest_kept {
-                        break;
-                    }
-                    r.total -= hits;
+                while r.slots.front().is_some_and(|&(slot, _)| slot < oldest_kept) {
                     r.slots.pop_front();
                 }
             }
-            (CounterState::Bucket { at_ms, deficit }, Window::Bucket { refill_amount, .. }) => {
-                if now_ms > *at_ms {
-                    let elapsed = (now_ms - *at_ms) as u64;
-                    *deficit = deficit.saturating_sub(elapsed.saturating_mul(*refill_amount));
-                    *at_ms = now_ms;
-                }
+            (CounterState::Bucket { at_ms, deficit }, Window::Bucket { refill_amount, .. })
+                if now_ms > *at_ms =>
+            {
+                let elapsed = (now_ms - *at_ms) as u64;
+                *deficit = deficit.saturating_sub(elapsed.saturating_mul(*refill_amount));
+                *at_ms = now_ms;
             }
             _ => {}
         }
@@ -223,12 +229,8 @@ impl Window {
     /// True when `state` is of the kind this window keeps (snapshot validation).
     pub fn fits(&self, state: &CounterState) -> bool {
         match (self, state) {
-            (Window::Rolling { .. }, CounterState::Rolling(r)) => {
-                r.slots
-                    .iter()
-                    .map(|(_, n)| *n)
-                    .fold(0u64, u64::saturating_add)
-                    == r.total
+            (Window::Rolling { slots, .. }, CounterState::Rolling(r)) => {
+                r.slots.len() as i64 <= *slots
                     && r.slots
                         .iter()
                         .zip(r.slots.iter().skip(1))
@@ -247,7 +249,7 @@ impl Window {
     pub fn remaining(&self, state: &CounterState, capacity: u64) -> u64 {
         match state {
             CounterState::Window { used, .. } => capacity.saturating_sub(*used),
-            CounterState::Rolling(r) => capacity.saturating_sub(r.total),
+            CounterState::Rolling(r) => capacity.saturating_sub(r.total()),
             CounterState::Bucket { deficit, .. } => match *self {
                 Window::Bucket { every_ms, .. } => {
                     (capacity * every_ms).saturating_sub(*deficit) / every_ms
@@ -261,7 +263,7 @@ impl Window {
     pub fn overshot(&self, state: &CounterState, capacity: u64) -> bool {
         match state {
             CounterState::Window { used, .. } => *used > capacity,
-            CounterState::Rolling(r) => r.total > capacity,
+            CounterState::Rolling(r) => r.total() > capacity,
             CounterState::Bucket { deficit, .. } => match *self {
                 Window::Bucket { every_ms, .. } => *deficit > capacity * every_ms,
                 _ => false,
@@ -287,7 +289,6 @@ impl Window {
                         Some((last, n)) if *last == slot => *n = n.saturating_add(hits),
                         _ => r.slots.push_back((slot, hits)),
                     }
-                    r.total = r.total.saturating_add(hits);
                 }
             }
             CounterState::Bucket { deficit, .. } => {

@@ -10,8 +10,8 @@
 //! - [`clock`]: where batch time comes from (the system clock, or a manual one in tests).
 //! - `batcher`: the local batching loop.
 
-pub mod clock;
 mod batcher;
+pub mod clock;
 
 use std::sync::Arc;
 use std::time::Duration;

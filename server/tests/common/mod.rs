@@ -103,7 +103,11 @@ pub fn req(domain: &str, descriptors: Vec<RateLimitDescriptor>, hits: u32) -> Ra
 
 impl TestServer {
     pub async fn should(&mut self, r: RateLimitRequest) -> RateLimitResponse {
-        self.rls.should_rate_limit(r).await.expect("call succeeds").into_inner()
+        self.rls
+            .should_rate_limit(r)
+            .await
+            .expect("call succeeds")
+            .into_inner()
     }
 
     pub async fn should_err(&mut self, r: RateLimitRequest) -> tonic::Status {
