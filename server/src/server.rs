@@ -80,7 +80,10 @@ pub enum ServerError {
     #[error(transparent)]
     Limits(#[from] config::ConfigError),
     #[error("cannot read limits file {path}: {error}")]
-    LimitsFile { path: PathBuf, error: std::io::Error },
+    LimitsFile {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     #[error("limits refused by the engine: {0}")]
     LimitsRejected(crate::engine::CommandError),
     #[error("node stopped")]
@@ -194,12 +197,13 @@ fn fingerprint(text: &str) -> u64 {
 async fn load_initial(config: &ServerConfig) -> Result<(LimitSet, u64), ServerError> {
     match &config.limits {
         LimitsSource::File(path) => {
-            let text = tokio::fs::read_to_string(path).await.map_err(|error| {
-                ServerError::LimitsFile {
-                    path: path.clone(),
-                    error,
-                }
-            })?;
+            let text =
+                tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|error| ServerError::LimitsFile {
+                        path: path.clone(),
+                        error,
+                    })?;
             let origin = path.display().to_string();
             let set = config::parse_limits(&text, config.limits_format, &origin)?;
             Ok((set, fingerprint(&text)))

@@ -27,7 +27,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        LIVE_BYTES.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -63,7 +66,12 @@ fn measure(kind: &str, n: usize) -> anyhow::Result<(f64, f64)> {
     });
     let set = LimitSet {
         limits: vec![
-            limit("fixed", WindowSpec::Fixed { duration_ms: 3_600_000 }),
+            limit(
+                "fixed",
+                WindowSpec::Fixed {
+                    duration_ms: 3_600_000,
+                },
+            ),
             limit(
                 "rolling",
                 WindowSpec::Rolling {
@@ -117,7 +125,10 @@ fn main() -> anyhow::Result<()> {
         lines.push(line);
     }
     if let Some(path) = out {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
         for line in lines {
             writeln!(f, "{line}")?;
         }
