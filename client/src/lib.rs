@@ -52,8 +52,10 @@ use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResp
 use tally_proto::envoy::r#type::v3::RateLimitUnit;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use tally_proto::tally::v1::admin_client::AdminClient;
+use tally_proto::tally::v1::cluster_client::ClusterClient;
 use tally_proto::tally::v1::{
-    GetStatusRequest, GetStatusResponse, ListLimitsRequest, ListLimitsResponse,
+    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, GetStatusRequest, GetStatusResponse,
+    InitRequest, ListLimitsRequest, ListLimitsResponse, Member, PromoteRequest, RemoveRequest,
 };
 
 /// How long [`TallyClient::connect`] waits for the connection to be established.
@@ -275,6 +277,61 @@ impl TallyClient {
             domain: domain.unwrap_or_default().to_string(),
         };
         self.call(client.list_limits(self.request(request))).await
+    }
+
+    /// `tally.v1.Cluster/Status` (ask a node's Raft address): the leader's view.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, ClientError> {
+        let mut client = ClusterClient::new(self.channel.clone());
+        self.call(client.status(self.request(ClusterStatusRequest {})))
+            .await
+    }
+
+    /// `tally.v1.Cluster/Init`: make an uninitialized node the first member(s) of a cluster.
+    /// `members` of `(id, raft address)`; empty means the answering node alone.
+    pub async fn cluster_init(
+        &self,
+        members: &[(u64, String)],
+    ) -> Result<ClusterStatus, ClientError> {
+        let mut client = ClusterClient::new(self.channel.clone());
+        let members = members
+            .iter()
+            .map(|(id, addr)| Member {
+                id: *id,
+                addr: addr.clone(),
+                voter: true,
+                ..Member::default()
+            })
+            .collect();
+        self.call(client.init(self.request(InitRequest { members })))
+            .await
+    }
+
+    /// `tally.v1.Cluster/AddLearner`: answers once the learner has caught up.
+    pub async fn cluster_add_learner(
+        &self,
+        id: u64,
+        addr: &str,
+    ) -> Result<ClusterStatus, ClientError> {
+        let mut client = ClusterClient::new(self.channel.clone());
+        let request = AddLearnerRequest {
+            id,
+            addr: addr.to_string(),
+        };
+        self.call(client.add_learner(self.request(request))).await
+    }
+
+    /// `tally.v1.Cluster/Promote`: make a learner a voter.
+    pub async fn cluster_promote(&self, id: u64) -> Result<ClusterStatus, ClientError> {
+        let mut client = ClusterClient::new(self.channel.clone());
+        self.call(client.promote(self.request(PromoteRequest { id })))
+            .await
+    }
+
+    /// `tally.v1.Cluster/Remove`: remove a voter or learner.
+    pub async fn cluster_remove(&self, id: u64) -> Result<ClusterStatus, ClientError> {
+        let mut client = ClusterClient::new(self.channel.clone());
+        self.call(client.remove(self.request(RemoveRequest { id })))
+            .await
     }
 
     /// Wraps a message in a request carrying the per-call deadline (`grpc-timeout`).
@@ -839,6 +896,38 @@ pub fn render_limits(limits: &ListLimitsResponse) -> String {
     push_row(&HEADER.map(String::from));
     for row in &rows {
         push_row(row);
+    }
+    out
+}
+
+/// Human-readable cluster status: leader and term, then one line per member with its
+/// replication progress (known on the leader).
+pub fn render_cluster(status: &ClusterStatus) -> String {
+    let mut out = String::new();
+    let leader = status.leader_id.map_or("none".to_string(), |l| {
+        format!("{l} ({})", status.leader_addr)
+    });
+    out.push_str(&format!(
+        "leader: {leader}\nterm: {}\nanswered by: {}\nlast log index: {}\napplied index: {}\n",
+        status.term,
+        status.answered_by,
+        status
+            .last_log_index
+            .map_or("-".to_string(), |i| i.to_string()),
+        status
+            .applied_index
+            .map_or("-".to_string(), |i| i.to_string()),
+    ));
+    out.push_str("ID  ADDR                   ROLE     MATCHED  LAG\n");
+    for m in &status.members {
+        out.push_str(&format!(
+            "{:<3} {:<22} {:<8} {:<8} {}\n",
+            m.id,
+            m.addr,
+            if m.voter { "voter" } else { "learner" },
+            m.matched_index.map_or("-".to_string(), |i| i.to_string()),
+            m.lag.map_or("-".to_string(), |i| i.to_string()),
+        ));
     }
     out
 }

@@ -85,6 +85,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cluster membership and status (tally.v1.Cluster). Point --addr at a node's Raft
+    /// address (tallyd --raft-listen); followers pass the call on to the leader.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// List the limits in force (tally.v1.Admin/ListLimits) as a table
     Limits {
         /// Only the limits of this domain
@@ -94,6 +98,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Make an uninitialized node (started with --no-bootstrap) the first member(s)
+    Init {
+        /// An initial voter as ID=HOST:PORT (its Raft address); repeat for several.
+        /// None: the answering node alone.
+        #[arg(long = "member", value_name = "ID=ADDR", value_parser = member_arg)]
+        members: Vec<(u64, String)>,
+    },
+    /// Leader, term, and every member's matched log index and lag
+    Status,
+    /// Add a node as a learner; returns once it has caught up with the log
+    AddLearner {
+        /// The new node's id (its --node-id)
+        #[arg(long)]
+        id: u64,
+        /// The new node's Raft address (its --raft-advertise, or --raft-listen)
+        #[arg(long = "node-addr", value_name = "HOST:PORT")]
+        node_addr: String,
+    },
+    /// Make a learner a voter
+    Promote {
+        #[arg(long)]
+        id: u64,
+    },
+    /// Remove a voter or learner from the cluster
+    Remove {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+fn member_arg(s: &str) -> Result<(u64, String), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not ID=HOST:PORT"))?;
+    let id = id
+        .parse()
+        .map_err(|_| format!("`{id}` is not a node id (a positive integer)"))?;
+    if addr.is_empty() {
+        return Err("the address must not be empty".to_string());
+    }
+    Ok((id, addr.to_string()))
 }
 
 #[derive(Debug, Subcommand)]
@@ -219,6 +268,19 @@ async fn run(cli: Cli) -> Result<u8, ClientError> {
             } else {
                 print!("{}", render_status(&status));
             }
+            Ok(EXIT_OK)
+        }
+        Command::Cluster(command) => {
+            let status = match command {
+                ClusterCommand::Init { members } => client.cluster_init(&members).await?,
+                ClusterCommand::Status => client.cluster_status().await?,
+                ClusterCommand::AddLearner { id, node_addr } => {
+                    client.cluster_add_learner(id, &node_addr).await?
+                }
+                ClusterCommand::Promote { id } => client.cluster_promote(id).await?,
+                ClusterCommand::Remove { id } => client.cluster_remove(id).await?,
+            };
+            print!("{}", tally_client::render_cluster(&status));
             Ok(EXIT_OK)
         }
         Command::Limits { domain, json } => {

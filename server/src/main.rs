@@ -10,7 +10,7 @@ use clap::{Parser, ValueEnum};
 use tally_server::api::ResponseOptions;
 use tally_server::config::Format;
 use tally_server::engine::EngineSettings;
-use tally_server::node::{BatchConfig, MAX_BATCH_COMMANDS, SystemClock};
+use tally_server::node::{BatchConfig, MAX_BATCH_COMMANDS, RaftTimings, SystemClock};
 use tally_server::server::{self, LimitsSource, ServerConfig};
 
 /// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
@@ -27,6 +27,38 @@ struct Args {
     /// HTTP listen address (GET /healthz liveness, GET /readyz readiness).
     #[arg(long, env = "TALLY_HTTP_LISTEN", default_value = "127.0.0.1:8080")]
     http_listen: SocketAddr,
+
+    /// Raft listen address: node-to-node traffic (Raft, forwarding) and `tally cluster`.
+    #[arg(long, env = "TALLY_RAFT_LISTEN", default_value = "127.0.0.1:8082")]
+    raft_listen: SocketAddr,
+
+    /// The Raft address peers reach this node at (host:port); the listen address if unset.
+    #[arg(long, env = "TALLY_RAFT_ADVERTISE")]
+    raft_advertise: Option<String>,
+
+    /// This node's id in the cluster: unique, never reused for another node.
+    #[arg(long, env = "TALLY_NODE_ID", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    node_id: u64,
+
+    /// The node's data directory (Raft log, snapshots). Never shared between nodes.
+    #[arg(long, env = "TALLY_DATA_DIR", default_value = server::DEFAULT_DATA_DIR)]
+    data_dir: PathBuf,
+
+    /// Do not make an empty node a one-node cluster: wait for `tally cluster init`, or to be
+    /// added by a leader (`tally cluster add-learner`).
+    #[arg(long, env = "TALLY_NO_BOOTSTRAP")]
+    no_bootstrap: bool,
+
+    /// Raft heartbeat interval, ms. Elections time out after 3 to 6 heartbeats.
+    #[arg(long, env = "TALLY_RAFT_HEARTBEAT_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    raft_heartbeat_ms: u64,
+
+    /// Log entries between snapshots; the log is purged behind each snapshot.
+    #[arg(long, env = "TALLY_SNAPSHOT_EVERY", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    snapshot_every: u64,
 
     /// Limits file. Without it, the embedded example limits are served.
     #[arg(long, env = "TALLY_LIMITS")]
@@ -166,6 +198,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         max_connections: args.max_connections as usize,
         clock: Arc::new(SystemClock),
+        node_id: args.node_id,
+        data_dir: args.data_dir.clone(),
+        raft_advertise: args.raft_advertise.clone(),
+        bootstrap: !args.no_bootstrap,
+        timings: RaftTimings {
+            heartbeat_ms: args.raft_heartbeat_ms,
+            election_min_ms: 3 * args.raft_heartbeat_ms,
+            election_max_ms: 6 * args.raft_heartbeat_ms,
+            snapshot_every_entries: args.snapshot_every,
+            logs_kept_behind_snapshot: RaftTimings::default().logs_kept_behind_snapshot,
+        },
     };
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
@@ -173,6 +216,10 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let http = tokio::net::TcpListener::bind(args.http_listen)
         .await
         .with_context(|| format!("cannot listen for HTTP on {}", args.http_listen))?;
-    server::run(grpc, http, config, shutdown_signal()).await?;
+    let raft = tokio::net::TcpListener::bind(args.raft_listen)
+        .await
+        .with_context(|| format!("cannot listen for Raft on {}", args.raft_listen))?;
+    let listeners = server::Listeners { grpc, http, raft };
+    server::run(listeners, config, shutdown_signal()).await?;
     Ok(())
 }

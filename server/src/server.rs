@@ -1,8 +1,8 @@
-//! Wiring for `tallyd`: the node, the gRPC and HTTP listeners, limit-file reload, shutdown.
+//! Wiring for `tallyd`: the node, the gRPC, Raft and HTTP listeners, limit-file reload,
+//! shutdown.
 //!
-//! `run(grpc_listener, http_listener, config, shutdown)` serves until `shutdown` completes,
-//! then stops accepting, lets in-flight calls finish and returns. Tests bind port 0 and use
-//! [`spawn`].
+//! `run(listeners, config, shutdown)` serves until `shutdown` completes, then stops accepting,
+//! lets in-flight calls finish, stops Raft and returns. Tests bind port 0 and use [`spawn`].
 
 use std::future::Future;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -22,8 +22,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::api::http::Readiness;
 use crate::api::{self, ResponseOptions};
 use crate::config::{self, Format};
-use crate::engine::{Command, Engine, EngineSettings, LimitSet, Outcome};
-use crate::node::{BatchConfig, Clock, Node, SystemClock};
+use crate::engine::{Command, EngineSettings, LimitSet, Outcome};
+use crate::node::raft_types::NodeId;
+use crate::node::{BatchConfig, Clock, Node, NodeConfig, NodeError, RaftTimings, SystemClock};
 
 /// Default bound on open gRPC connections.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
@@ -31,6 +32,10 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 4_096;
 pub const MAX_CONCURRENT_STREAMS: u32 = 1_024;
 /// Pause after a failed `accept` (e.g. out of file descriptors) before trying again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Where a node keeps its data when not told otherwise (relative to the working directory).
+pub const DEFAULT_DATA_DIR: &str = ".tally-data/node-1";
+/// Pause between attempts to put the initial limits in force while there is no leader.
+const LIMITS_RETRY: Duration = Duration::from_millis(200);
 /// The example limits served when no file is given.
 pub const EMBEDDED_LIMITS: &str = include_str!("../../examples/limits.yaml");
 
@@ -55,6 +60,15 @@ pub struct ServerConfig {
     pub batch: BatchConfig,
     pub max_connections: usize,
     pub clock: Arc<dyn Clock>,
+    pub node_id: NodeId,
+    /// The node's own directory: Raft log, snapshot, node id.
+    pub data_dir: PathBuf,
+    /// The Raft address peers use to reach this node; the Raft listener's address if unset.
+    pub raft_advertise: Option<String>,
+    /// With an empty data directory, become a one-node cluster (else wait for `cluster init`
+    /// or to be added by a leader).
+    pub bootstrap: bool,
+    pub timings: RaftTimings,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +85,11 @@ impl Default for ServerConfig {
             batch: BatchConfig::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             clock: Arc::new(SystemClock),
+            node_id: 1,
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            raft_advertise: None,
+            bootstrap: true,
+            timings: RaftTimings::default(),
         }
     }
 }
@@ -86,36 +105,76 @@ pub enum ServerError {
     },
     #[error("limits refused by the engine: {0}")]
     LimitsRejected(crate::engine::CommandError),
-    #[error("node stopped")]
-    NodeStopped,
+    #[error("node: {0}")]
+    Node(#[from] crate::node::NodeStartError),
+    #[error("limits not put in force: {0}")]
+    NotInForce(NodeError),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
 }
 
+/// The three listeners a node serves.
+pub struct Listeners {
+    /// Envoy RLS, Kuadrant, tally.v1 admin, gRPC health and reflection.
+    pub grpc: TcpListener,
+    /// `/healthz`, `/readyz`.
+    pub http: TcpListener,
+    /// Node-to-node: Raft, forwarding, cluster operations.
+    pub raft: TcpListener,
+}
+
 /// Serves until `shutdown` completes.
 pub async fn run(
-    grpc: TcpListener,
-    http: TcpListener,
+    listeners: Listeners,
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let (initial, fingerprint) = load_initial(&config).await?;
-    let node = Node::start_local(
-        Engine::new(config.engine),
-        config.clock.clone(),
-        config.batch,
-    );
-    replace_limits(&node, initial).await?;
-    let readiness = Readiness::default();
-    readiness.set_ready();
+    run_with(listeners, config, shutdown, Readiness::default()).await
+}
 
+async fn run_with(
+    listeners: Listeners,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    readiness: Readiness,
+) -> Result<(), ServerError> {
+    let (initial, fingerprint) = load_initial(&config).await?;
+    let raft_addr = listeners.raft.local_addr()?;
+    let node = Node::start(NodeConfig {
+        node_id: config.node_id,
+        data_dir: config.data_dir.clone(),
+        advertise_addr: config
+            .raft_advertise
+            .clone()
+            .unwrap_or(raft_addr.to_string()),
+        bootstrap: config.bootstrap,
+        engine: config.engine,
+        batch: config.batch,
+        timings: config.timings,
+        clock: config.clock.clone(),
+    })
+    .await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
+    tracing::info!(
+        node = config.node_id,
+        grpc = %listeners.grpc.local_addr()?,
+        http = %listeners.http.local_addr()?,
+        raft = %raft_addr,
+        "tallyd serving"
+    );
+    let raft_task = tokio::spawn(serve_raft(listeners.raft, node.clone(), stop_rx.clone()));
+    tokio::spawn(put_limits_in_force(
+        node.clone(),
+        initial,
+        readiness.clone(),
+        stop_rx.clone(),
+    ));
     if let (LimitsSource::File(path), false) = (&config.limits, config.limits_poll.is_zero()) {
         tokio::spawn(watch_limits(
             path.clone(),
@@ -126,55 +185,140 @@ pub async fn run(
             stop_rx.clone(),
         ));
     }
-    tracing::info!(grpc = %grpc.local_addr()?, http = %http.local_addr()?, "tallyd serving");
-
     let http_app = api::http::router(node.clone(), readiness);
     let http_stop = stopped(stop_rx.clone());
+    let http = listeners.http;
     let http_task = tokio::spawn(async move {
         axum::serve(http, http_app)
             .with_graceful_shutdown(http_stop)
             .await
     });
-    let incoming = limited_incoming(grpc, config.max_connections, stop_rx.clone());
+    let incoming = limited_incoming(listeners.grpc, config.max_connections, stop_rx.clone());
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_routes(api::grpc_routes(node, config.response).await)
+        .add_routes(api::grpc_routes(node.clone(), config.response).await)
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await?;
     http_task.await.map_err(std::io::Error::other)??;
+    raft_task.await.map_err(std::io::Error::other)??;
+    node.shutdown().await;
     tracing::info!("tallyd stopped");
     Ok(())
+}
+
+/// Serves Raft, forwarding and cluster operations to peers.
+async fn serve_raft(
+    listener: TcpListener,
+    node: Node,
+    stop: watch::Receiver<bool>,
+) -> Result<(), ServerError> {
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(api::raft::raft_service(node.raft().clone()))
+        .add_service(crate::node::forward::forward_service(node.clone()))
+        .add_service(api::cluster::cluster_service(node))
+        .serve_with_incoming_shutdown(incoming, stopped(stop))
+        .await?;
+    Ok(())
+}
+
+/// Proposes the limits loaded at start, retrying while there is no leader, then marks the
+/// node ready. In a cluster every replica switches limits at the same log index.
+async fn put_limits_in_force(
+    node: Node,
+    set: LimitSet,
+    readiness: Readiness,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        match replace_limits(&node, set.clone()).await {
+            Ok((limits, kept)) => {
+                tracing::info!(limits, kept, "limits in force");
+                readiness.set_ready();
+                return;
+            }
+            Err(ServerError::LimitsRejected(e)) => {
+                tracing::error!(error = %e, "initial limits refused by the engine");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "initial limits not yet in force; retrying"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(LIMITS_RETRY) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// A server running in the background, for tests and embedding.
 pub struct RunningServer {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub raft_addr: SocketAddr,
+    readiness: Readiness,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
 
-/// Binds both listeners on 127.0.0.1 port 0 and serves in the background.
+/// Binds the three listeners on 127.0.0.1 port 0 and serves in the background.
 pub async fn spawn(config: ServerConfig) -> Result<RunningServer, ServerError> {
-    let grpc = TcpListener::bind("127.0.0.1:0").await?;
-    let http = TcpListener::bind("127.0.0.1:0").await?;
-    let (grpc_addr, http_addr) = (grpc.local_addr()?, http.local_addr()?);
+    let listeners = Listeners {
+        grpc: TcpListener::bind("127.0.0.1:0").await?,
+        http: TcpListener::bind("127.0.0.1:0").await?,
+        raft: TcpListener::bind("127.0.0.1:0").await?,
+    };
+    spawn_on(listeners, config).await
+}
+
+/// Serves on the given listeners in the background (a restarted node keeps its addresses).
+pub async fn spawn_on(
+    listeners: Listeners,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let http_addr = listeners.http.local_addr()?;
+    let raft_addr = listeners.raft.local_addr()?;
     // Load the limits here so a bad file fails the spawn, not the background task.
     load_initial(&config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(run(grpc, http, config, async move {
-        let _ = stopped.await;
-    }));
+    let readiness = Readiness::default();
+    let task = tokio::spawn(run_with(
+        listeners,
+        config,
+        async move {
+            let _ = stopped.await;
+        },
+        readiness.clone(),
+    ));
     Ok(RunningServer {
         grpc_addr,
         http_addr,
+        raft_addr,
+        readiness,
         stop: Some(stop),
         task,
     })
 }
 
 impl RunningServer {
+    /// Waits until the node's limits are in force (it has a leader and took part in a
+    /// commit), at most `limit`.
+    pub async fn wait_ready(&self, limit: Duration) -> Result<(), &'static str> {
+        let deadline = tokio::time::Instant::now() + limit;
+        while !self.readiness.is_ready() {
+            if self.task.is_finished() {
+                return Err("server stopped");
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err("not ready in time");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(())
+    }
+
     /// Shuts the server down and waits for it.
     pub async fn stop(mut self) -> Result<(), ServerError> {
         if let Some(stop) = self.stop.take() {
@@ -220,7 +364,7 @@ async fn replace_limits(node: &Node, set: LimitSet) -> Result<(u64, u64), Server
         Ok(Outcome::LimitsReplaced { limits, kept, .. }) => Ok((limits, kept)),
         Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
         Ok(other) => panic!("ReplaceLimits answered with {other:?}"),
-        Err(_) => Err(ServerError::NodeStopped),
+        Err(e) => Err(ServerError::NotInForce(e)),
     }
 }
 

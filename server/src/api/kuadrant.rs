@@ -5,6 +5,7 @@ use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::Ra
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, RequestHits, ResponseOptions};
+use super::deadline;
 use super::rls::decide;
 use crate::engine::Mode;
 use crate::node::Node;
@@ -27,12 +28,13 @@ impl RateLimitService for Kuadrant {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let deadline = deadline::of(&request);
         let cmd = convert::command(
             request.into_inner(),
             Mode::CheckOnly,
             RequestHits::ZeroMeansOne,
         );
-        decide(&self.node, cmd, self.options).await
+        decide(&self.node, cmd, deadline, self.options).await
     }
 
     /// Debits `hits_addend` (taken literally: 0 adds nothing) on every matched counter,
@@ -41,7 +43,8 @@ impl RateLimitService for Kuadrant {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let deadline = deadline::of(&request);
         let cmd = convert::command(request.into_inner(), Mode::Report, RequestHits::Literal);
-        decide(&self.node, cmd, self.options).await
+        decide(&self.node, cmd, deadline, self.options).await
     }
 }

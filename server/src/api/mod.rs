@@ -12,9 +12,12 @@
 //! Architecture invariant: no protobuf type crosses into `engine` or `node`.
 
 mod admin;
+pub mod cluster;
 mod convert;
+mod deadline;
 pub mod http;
 mod kuadrant;
+pub mod raft;
 mod rls;
 mod status;
 

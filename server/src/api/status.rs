@@ -16,9 +16,8 @@ impl From<CommandError> for Status {
 
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
-        match e {
-            NodeError::Stopped => Status::unavailable(e.to_string()),
-        }
+        // Every node error means "not decided here, now": Envoy applies its failure mode.
+        Status::unavailable(e.to_string())
     }
 }
 

@@ -69,14 +69,14 @@ pub enum Mode {
 }
 
 /// The decision code, as Envoy knows it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Code {
     Ok,
     OverLimit,
 }
 
 /// The limit a status reports on.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitInfo {
     pub name: Arc<str>,
     pub capacity: u64,
@@ -86,7 +86,7 @@ pub struct LimitInfo {
 }
 
 /// The status of one descriptor: its most constrained matched limit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DescriptorStatus {
     pub code: Code,
     /// `None` when no limit matched the descriptor (or only unlimited ones did).
@@ -98,7 +98,7 @@ pub struct DescriptorStatus {
 }
 
 /// The outcome of a [`RateLimitCommand`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     pub code: Code,
     /// One per descriptor, in request order.
@@ -108,7 +108,7 @@ pub struct Decision {
 }
 
 /// One outcome per command, in batch order.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     RateLimit(Decision),
     LimitsReplaced {

@@ -1,26 +1,38 @@
 //! The seam between the API layer and replication.
 //!
 //! The API layer hands [`Command`]s to a [`Node`] and awaits their [`Outcome`]s; it never sees
-//! how they are ordered. Here a local batcher orders them: it collects concurrent commands into
-//! a batch (up to `max_batch_commands`, lingering up to `batch_linger` for more), stamps the
-//! batch with `max(last_stamp, now)` and applies it to the engine. Replication replaces the
-//! batcher with a Raft log; `Node`'s interface stays as it is.
+//! how they are ordered. A node is a member of a Raft group (openraft): its proposer collects
+//! concurrent commands into a batch, the leader stamps it with `max(last_stamp, now)` and
+//! appends it to the log; once a majority has it on disk, every replica applies it to its
+//! engine. A single `tallyd` is a one-node group: the same code path.
 //!
 //! Layout:
 //! - [`clock`]: where batch time comes from (the system clock, or a manual one in tests).
-//! - `batcher`: the local batching loop.
+//! - `proposer`: batching, pipelining into the Raft log, forwarding from followers.
+//! - [`raft_types`]: what a log entry carries (a stamped batch) and returns (its outcomes).
+//! - [`log_store`]: the durable Raft log (raft-log: fdatasync'd, group commit).
+//! - [`state_machine`]: the engine as openraft's state machine; durable snapshots.
+//! - [`network`]: Raft RPCs over gRPC, one persistent channel per peer.
+//! - [`forward`]: followers' commands to the leader, and the leader's service for them.
 
-mod batcher;
 pub mod clock;
+pub mod forward;
+pub mod log_store;
+pub mod network;
+mod proposer;
+pub mod raft_types;
+pub mod state_machine;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{Command, Engine, Outcome};
+use crate::engine::{Command, Engine, EngineSettings, Outcome};
 pub use clock::{Clock, ManualClock, SystemClock};
+use raft_types::{NodeId, Raft};
 
 /// Commands waiting for a batch at most; proposers wait (backpressure) beyond it.
 pub const MAX_QUEUED_COMMANDS: usize = 65_536;
@@ -33,7 +45,7 @@ pub struct BatchConfig {
     /// Most commands in one batch.
     pub max_batch_commands: usize,
     /// How long a batch waits for more commands after its first. Zero: take what is queued
-    /// and go (commands that arrive while a batch applies form the next one).
+    /// and go (commands that arrive while earlier batches are in flight form the next one).
     pub batch_linger: Duration,
 }
 
@@ -46,60 +58,247 @@ impl Default for BatchConfig {
     }
 }
 
-/// Why a command got no outcome.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum NodeError {
-    /// The node is shutting down; the command may or may not have been applied.
-    #[error("node is shutting down")]
-    Stopped,
+/// Raft timing and log compaction.
+#[derive(Clone, Copy, Debug)]
+pub struct RaftTimings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// A snapshot is built after this many log entries since the last one; the log is purged
+    /// behind it.
+    pub snapshot_every_entries: u64,
+    /// Log entries kept behind a snapshot, so that a briefly lagging follower catches up from
+    /// the log rather than by a whole snapshot.
+    pub logs_kept_behind_snapshot: u64,
 }
 
-/// A proposal waiting for its batch.
-struct Proposal {
-    command: Command,
-    reply: oneshot::Sender<Outcome>,
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_ms: 100,
+            election_min_ms: 300,
+            election_max_ms: 600,
+            snapshot_every_entries: 20_000,
+            logs_kept_behind_snapshot: 1_000,
+        }
+    }
+}
+
+/// Everything a node needs to start.
+#[derive(Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// Holds the Raft log and the snapshot; one node's, never shared.
+    pub data_dir: PathBuf,
+    /// The Raft address other members reach this node at (host:port).
+    pub advertise_addr: String,
+    /// With an empty data directory, initialize a one-node cluster of this node.
+    pub bootstrap: bool,
+    pub engine: EngineSettings,
+    pub batch: BatchConfig,
+    pub timings: RaftTimings,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Why a command got no outcome. Every variant but `Stopped` means "try again later or
+/// elsewhere": the command was not applied, or its fate is unknown.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("node is shutting down")]
+    Stopped,
+    #[error("no leader is known (election in progress or no quorum)")]
+    NoLeader,
+    #[error("this node is not the leader and will not forward a forwarded command")]
+    NotLeader,
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStartError {
+    #[error("log store: {0}")]
+    LogStore(#[from] log_store::LogStoreError),
+    #[error("state machine: {0}")]
+    Storage(#[from] raft_types::StorageError),
+    #[error("raft config: {0}")]
+    Config(#[from] openraft::ConfigError),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("data directory {path}: {error}")]
+    DataDir {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("data directory {path} belongs to node {found}, not node {wanted}")]
+    WrongNode {
+        path: PathBuf,
+        found: String,
+        wanted: NodeId,
+    },
 }
 
 /// A handle to the node: cheap to clone, shared by every API service.
 #[derive(Clone)]
 pub struct Node {
-    tx: mpsc::Sender<Proposal>,
-    engine: Arc<Mutex<Engine>>,
+    id: NodeId,
+    advertise_addr: Arc<str>,
+    tx: mpsc::Sender<proposer::Proposal>,
+    raft: Raft,
+    applied: Arc<parking_lot::Mutex<state_machine::Applied>>,
 }
 
 impl Node {
-    /// Starts a single local node applying to `engine`. The batcher stops when every `Node`
-    /// handle is dropped, after answering what it already took.
-    pub fn start_local(engine: Engine, clock: Arc<dyn Clock>, config: BatchConfig) -> Node {
+    /// Opens the data directory, starts Raft and the proposer.
+    pub async fn start(config: NodeConfig) -> Result<Node, NodeStartError> {
         assert!(
-            (1..=MAX_BATCH_COMMANDS).contains(&config.max_batch_commands),
+            (1..=MAX_BATCH_COMMANDS).contains(&config.batch.max_batch_commands),
             "max_batch_commands out of range"
         );
-        let engine = Arc::new(Mutex::new(engine));
+        claim_data_dir(&config)?;
+        let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
+        let sm = state_machine::StateMachine::open(&config.data_dir.join("state"), config.engine)?;
+        let applied = sm.applied().clone();
+        let t = config.timings;
+        let raft_config = openraft::Config {
+            cluster_name: "tally".into(),
+            heartbeat_interval: t.heartbeat_ms,
+            election_timeout_min: t.election_min_ms,
+            election_timeout_max: t.election_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,
+            snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
+            ..openraft::Config::default()
+        }
+        .validate()?;
+        let raft = Raft::new(
+            config.node_id,
+            Arc::new(raft_config),
+            network::Network::new(config.node_id),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| NodeStartError::Raft(e.to_string()))?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| NodeStartError::Raft(e.to_string()))?;
+        if config.bootstrap && !initialized {
+            let members = BTreeMap::from([(
+                config.node_id,
+                openraft::BasicNode::new(&config.advertise_addr),
+            )]);
+            raft.initialize(members)
+                .await
+                .map_err(|e| NodeStartError::Raft(e.to_string()))?;
+        }
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
-        tokio::spawn(batcher::run(rx, engine.clone(), clock, config));
-        Node { tx, engine }
+        let proposer = proposer::Proposer {
+            id: config.node_id,
+            raft: raft.clone(),
+            clock: config.clock.clone(),
+            config: config.batch,
+            forwarder: forward::Forwarder::default(),
+        };
+        tokio::spawn(proposer.run(rx));
+        Ok(Node {
+            id: config.node_id,
+            advertise_addr: Arc::from(config.advertise_addr.as_str()),
+            tx,
+            raft,
+            applied,
+        })
     }
 
-    /// Orders `command` after every command proposed before it returns, applies it, and
-    /// returns its outcome. Cancel-safe: dropping the future abandons the wait, not the command.
+    /// Orders `command` into the log (through the leader), and returns its outcome once it is
+    /// committed on a majority and applied. Cancel-safe: dropping the future abandons the
+    /// wait, not the command.
     pub async fn propose(&self, command: Command) -> Result<Outcome, NodeError> {
+        self.enqueue(command, true).await
+    }
+
+    /// As [`Node::propose`], but never forwarded: for commands forwarded to this node.
+    pub(crate) async fn propose_here(&self, command: Command) -> Result<Outcome, NodeError> {
+        self.enqueue(command, false).await
+    }
+
+    async fn enqueue(&self, command: Command, forwardable: bool) -> Result<Outcome, NodeError> {
         let (reply, outcome) = oneshot::channel();
+        let proposal = proposer::Proposal {
+            command,
+            forwardable,
+            reply,
+        };
         self.tx
-            .send(Proposal { command, reply })
+            .send(proposal)
             .await
             .map_err(|_| NodeError::Stopped)?;
-        outcome.await.map_err(|_| NodeError::Stopped)
+        outcome.await.map_err(|_| NodeError::Stopped)?
     }
 
-    /// Reads applied state. Locally every applied command is visible; replication makes this
-    /// a linearizable read.
+    /// Reads this replica's applied state (possibly behind the leader's).
     pub async fn read<R>(&self, f: impl FnOnce(&Engine) -> R) -> Result<R, NodeError> {
-        Ok(f(&self.engine.lock()))
+        Ok(f(&self.applied.lock().engine))
     }
 
-    /// True when the node can take commands.
+    /// Reads state that reflects every command acknowledged before the call (read index):
+    /// served by the leader after confirming its leadership with a majority.
+    pub async fn read_linearizable<R>(&self, f: impl FnOnce(&Engine) -> R) -> Result<R, NodeError> {
+        self.raft.ensure_linearizable().await.map_err(|e| match e {
+            openraft::error::RaftError::APIError(_) => NodeError::NotLeader,
+            openraft::error::RaftError::Fatal(_) => NodeError::Stopped,
+        })?;
+        Ok(f(&self.applied.lock().engine))
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The Raft address other members reach this node at.
+    pub fn advertise_addr(&self) -> &str {
+        &self.advertise_addr
+    }
+
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// True when a leader is known, so commands can be decided.
     pub fn is_ready(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && self.raft.metrics().borrow().current_leader.is_some()
+    }
+
+    /// Stops Raft; pending commands get [`NodeError::Stopped`].
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+/// Records the node id in the data directory, and refuses a directory of another node.
+fn claim_data_dir(config: &NodeConfig) -> Result<(), NodeStartError> {
+    let dir = &config.data_dir;
+    let io = |error| NodeStartError::DataDir {
+        path: dir.clone(),
+        error,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let path = dir.join("node-id");
+    match std::fs::read_to_string(&path) {
+        Ok(found) if found.trim() == config.node_id.to_string() => Ok(()),
+        Ok(found) => Err(NodeStartError::WrongNode {
+            path: path.clone(),
+            found: found.trim().to_owned(),
+            wanted: config.node_id,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{}\n", config.node_id)).map_err(io)?;
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)
+        }
+        Err(e) => Err(io(e)),
     }
 }

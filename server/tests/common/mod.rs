@@ -13,7 +13,7 @@ use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateL
 use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use tally_server::api::ResponseOptions;
-use tally_server::node::ManualClock;
+use tally_server::node::{ManualClock, RaftTimings};
 use tally_server::server::{self, LimitsSource, RunningServer, ServerConfig};
 use tonic::transport::Channel;
 
@@ -24,6 +24,7 @@ pub const T0_MS: i64 = 1_795_435_200_000;
 
 pub struct TestServer {
     pub server: RunningServer,
+    pub dir: tempfile::TempDir,
     pub clock: Arc<ManualClock>,
     pub rls: RateLimitServiceClient<Channel>,
     pub kuadrant: KuadrantClient<Channel>,
@@ -35,6 +36,7 @@ pub async fn start(limits_yaml: &str) -> TestServer {
 
 pub async fn start_with(limits_yaml: &str, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
     let clock = Arc::new(ManualClock::new(T0_MS));
+    let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig {
         limits: LimitsSource::Inline {
             origin: "test limits".into(),
@@ -42,16 +44,34 @@ pub async fn start_with(limits_yaml: &str, tweak: impl FnOnce(&mut ServerConfig)
         },
         clock: clock.clone(),
         response: ResponseOptions::default(),
+        data_dir: dir.path().join("node-1"),
+        timings: fast_timings(),
         ..ServerConfig::default()
     };
     tweak(&mut config);
     let server = server::spawn(config).await.expect("server starts");
+    server
+        .wait_ready(Duration::from_secs(10))
+        .await
+        .expect("ready within 10 s");
     let channel = connect(server.grpc_addr).await;
     TestServer {
         server,
+        dir,
         clock,
         rls: RateLimitServiceClient::new(channel.clone()),
         kuadrant: KuadrantClient::new(channel),
+    }
+}
+
+/// Raft timings for tests: quick elections, frequent snapshots.
+pub fn fast_timings() -> RaftTimings {
+    RaftTimings {
+        heartbeat_ms: 50,
+        election_min_ms: 150,
+        election_max_ms: 300,
+        snapshot_every_entries: 500,
+        logs_kept_behind_snapshot: 0,
     }
 }
 

@@ -1,0 +1,205 @@
+//! `tally.v1.Cluster`: membership changes and status, on the Raft listener.
+//!
+//! Membership changes and status are the leader's business: a follower passes the call on to
+//! the leader it knows (one hop; a call that was passed on is never passed on again).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use openraft::{BasicNode, ChangeMembers};
+use tally_proto::tally::v1::cluster_client::ClusterClient;
+use tally_proto::tally::v1::cluster_server::{self, ClusterServer};
+use tally_proto::tally::v1::{
+    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, InitRequest, Member, PromoteRequest,
+    RemoveRequest,
+};
+use tonic::{Request, Response, Status};
+
+use crate::node::Node;
+use crate::node::forward::Forwarder;
+use crate::node::raft_types::NodeId;
+
+/// Metadata marking a call that a follower passed on.
+const PASSED_ON: &str = "x-tally-passed-on";
+
+pub struct ClusterService {
+    node: Node,
+    forwarder: Forwarder,
+}
+
+pub fn cluster_service(node: Node) -> ClusterServer<ClusterService> {
+    ClusterServer::new(ClusterService {
+        node,
+        forwarder: Forwarder::default(),
+    })
+}
+
+/// The status as this node sees it (the leader's view includes replication progress).
+fn status_of(node: &Node) -> ClusterStatus {
+    let m = node.raft().metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let last = m.last_log_index;
+    let members = membership
+        .nodes()
+        .map(|(id, n)| {
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(id))
+                .map(|l| l.map_or(0, |l| l.index));
+            Member {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched,
+                lag: matched.zip(last).map(|(mi, l)| l.saturating_sub(mi)),
+            }
+        })
+        .collect();
+    let leader_addr = m
+        .current_leader
+        .and_then(|l| membership.get_node(&l))
+        .map(|n| n.addr.clone())
+        .unwrap_or_default();
+    ClusterStatus {
+        answered_by: m.id,
+        leader_id: m.current_leader,
+        leader_addr,
+        term: m.current_term,
+        last_log_index: last,
+        applied_index: m.last_applied.map(|l| l.index),
+        members,
+    }
+}
+
+fn raft_error(e: impl std::fmt::Display) -> Status {
+    Status::failed_precondition(e.to_string())
+}
+
+impl ClusterService {
+    /// The leader's address when this node is a follower and may pass the call on.
+    fn leader_elsewhere<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        let status = status_of(&self.node);
+        match status.leader_id {
+            Some(l) if l == self.node.id() => Ok(None),
+            Some(_) if request.metadata().contains_key(PASSED_ON) => {
+                Err(Status::unavailable("leadership is moving; try again"))
+            }
+            Some(_) => Ok(Some(status.leader_addr)),
+            None => Err(Status::unavailable("no leader is known")),
+        }
+    }
+
+    async fn leader_client(
+        &self,
+        addr: &str,
+    ) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let channel = self
+            .forwarder
+            .channel(addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(ClusterClient::new(channel))
+    }
+}
+
+fn passed_on<T>(message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.metadata_mut()
+        .insert(PASSED_ON, "1".parse().expect("valid metadata"));
+    r
+}
+
+#[tonic::async_trait]
+impl cluster_server::Cluster for ClusterService {
+    async fn init(&self, request: Request<InitRequest>) -> Result<Response<ClusterStatus>, Status> {
+        let raft = self.node.raft();
+        let mut members: BTreeMap<NodeId, BasicNode> = request
+            .into_inner()
+            .members
+            .into_iter()
+            .map(|m| (m.id, BasicNode::new(m.addr)))
+            .collect();
+        if members.is_empty() {
+            members.insert(self.node.id(), BasicNode::new(self.node.advertise_addr()));
+        }
+        raft.initialize(members).await.map_err(raft_error)?;
+        Ok(Response::new(status_of(&self.node)))
+    }
+
+    async fn status(
+        &self,
+        request: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        if let Some(addr) = self.leader_elsewhere(&request)? {
+            let mut c = self.leader_client(&addr).await?;
+            return c.status(passed_on(ClusterStatusRequest {})).await;
+        }
+        // Read index: confirms leadership with a majority before answering.
+        self.node.read_linearizable(|_| ()).await?;
+        Ok(Response::new(status_of(&self.node)))
+    }
+
+    async fn add_learner(
+        &self,
+        request: Request<AddLearnerRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        if let Some(addr) = self.leader_elsewhere(&request)? {
+            let mut c = self.leader_client(&addr).await?;
+            return c.add_learner(passed_on(request.into_inner())).await;
+        }
+        let r = request.into_inner();
+        if r.addr.is_empty() {
+            return Err(Status::invalid_argument("addr: must not be empty"));
+        }
+        // Blocking: answers once the learner has caught up with the log.
+        self.node
+            .raft()
+            .add_learner(r.id, BasicNode::new(r.addr), true)
+            .await
+            .map_err(raft_error)?;
+        Ok(Response::new(status_of(&self.node)))
+    }
+
+    async fn promote(
+        &self,
+        request: Request<PromoteRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        if let Some(addr) = self.leader_elsewhere(&request)? {
+            let mut c = self.leader_client(&addr).await?;
+            return c.promote(passed_on(request.into_inner())).await;
+        }
+        let id = request.into_inner().id;
+        self.node
+            .raft()
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
+            .await
+            .map_err(raft_error)?;
+        Ok(Response::new(status_of(&self.node)))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<RemoveRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        if let Some(addr) = self.leader_elsewhere(&request)? {
+            let mut c = self.leader_client(&addr).await?;
+            return c.remove(passed_on(request.into_inner())).await;
+        }
+        let id = request.into_inner().id;
+        let raft = self.node.raft();
+        let is_voter = status_of(&self.node)
+            .members
+            .iter()
+            .any(|m| m.id == id && m.voter);
+        if is_voter {
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(raft_error)?;
+        } else {
+            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                .await
+                .map_err(raft_error)?;
+        }
+        Ok(Response::new(status_of(&self.node)))
+    }
+}

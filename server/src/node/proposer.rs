@@ -1,0 +1,236 @@
+//! The proposer: forms batches from concurrent commands and puts them in the Raft log.
+//!
+//! On the leader a batch is stamped with `max(last_stamp, now)` and handed to openraft with
+//! `client_write_ff`, in order; up to [`MAX_INFLIGHT_BATCHES`] batches are in flight at once
+//! (pipelining: one fsync and one replication round trip serve every batch waiting). Each
+//! caller gets the outcome of its own command when its batch has been committed and applied.
+//! On a follower the batch is forwarded to the leader (one hop, never further).
+
+use std::sync::Arc;
+
+use openraft::error::ClientWriteError;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use super::forward::Forwarder;
+use super::raft_types::{Batch, NodeId, Raft};
+use super::{BatchConfig, Clock, NodeError};
+use crate::engine::{Command, Outcome};
+
+/// Batches proposed and not yet answered, at most; the proposer waits beyond it.
+pub const MAX_INFLIGHT_BATCHES: usize = 32;
+
+pub(super) type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
+
+/// A command waiting for a batch.
+pub(super) struct Proposal {
+    pub command: Command,
+    /// False for commands forwarded to us: we must not forward them again.
+    pub forwardable: bool,
+    pub reply: Reply,
+}
+
+struct Pending {
+    commands: Vec<Command>,
+    forwardable: Vec<bool>,
+    replies: Vec<Reply>,
+}
+
+impl Pending {
+    fn with_capacity(n: usize) -> Pending {
+        Pending {
+            commands: Vec::with_capacity(n),
+            forwardable: Vec::with_capacity(n),
+            replies: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, p: Proposal) {
+        self.commands.push(p.command);
+        self.forwardable.push(p.forwardable);
+        self.replies.push(p.reply);
+    }
+
+    fn len(&self) -> usize {
+        self.commands.len()
+    }
+
+    fn fail(self, error: NodeError) {
+        for reply in self.replies {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+pub(super) struct Proposer {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub clock: Arc<dyn Clock>,
+    pub config: BatchConfig,
+    pub forwarder: Forwarder,
+}
+
+impl Proposer {
+    /// Runs until every sender of `rx` is gone or Raft stops.
+    pub(super) async fn run(self, mut rx: mpsc::Receiver<Proposal>) {
+        let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+        let mut last_stamp_ms = i64::MIN;
+        while let Some(first) = rx.recv().await {
+            let mut batch = Pending::with_capacity(self.config.max_batch_commands);
+            batch.push(first);
+            fill(&mut rx, &mut batch, self.config).await;
+            let permit = inflight
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader != Some(self.id) {
+                let forwarder = self.forwarder.clone();
+                let raft = self.raft.clone();
+                tokio::spawn(async move {
+                    forward(&raft, &forwarder, leader, batch).await;
+                    drop(permit);
+                });
+                continue;
+            }
+            // Time never goes back: a clock stepped backwards stamps the last stamp again.
+            let stamp_ms = self.clock.now_ms().max(last_stamp_ms);
+            last_stamp_ms = stamp_ms;
+            let Pending {
+                commands, replies, ..
+            } = batch;
+            let entry = Batch { stamp_ms, commands };
+            match self.raft.client_write_ff(entry).await {
+                Ok(responder) => {
+                    tokio::spawn(async move {
+                        settle(responder.await, replies);
+                        drop(permit);
+                    });
+                }
+                Err(fatal) => {
+                    tracing::error!(error = %fatal, "raft stopped");
+                    for reply in replies {
+                        let _ = reply.send(Err(NodeError::Stopped));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Hands every caller of a committed batch its own outcome.
+fn settle<E: std::fmt::Display>(
+    result: Result<
+        Result<
+            openraft::raft::ClientWriteResponse<super::raft_types::TypeConfig>,
+            ClientWriteError<NodeId, openraft::BasicNode>,
+        >,
+        E,
+    >,
+    replies: Vec<Reply>,
+) {
+    match result {
+        Ok(Ok(response)) => {
+            let outcomes = response.data.outcomes;
+            assert_eq!(outcomes.len(), replies.len(), "one outcome per command");
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // A caller that gave up no longer listens; its command was applied all the same.
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(Err(e)) => {
+            // Leadership moved between our check and the append: the batch was not appended.
+            let error = NodeError::Unavailable(format!("leadership changed: {e}"));
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        Err(e) => {
+            let error = NodeError::Unavailable(format!("raft dropped the write: {e}"));
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Sends a follower's batch to the leader; commands that were forwarded to us are refused.
+async fn forward(raft: &Raft, forwarder: &Forwarder, leader: Option<NodeId>, batch: Pending) {
+    let Some(leader) = leader else {
+        batch.fail(NodeError::NoLeader);
+        return;
+    };
+    let addr = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&leader)
+        .map(|n| n.addr.clone());
+    let Some(addr) = addr else {
+        batch.fail(NodeError::NoLeader);
+        return;
+    };
+    let mut to_send = Vec::new();
+    let mut waiting = Vec::new();
+    for ((command, forwardable), reply) in batch
+        .commands
+        .into_iter()
+        .zip(batch.forwardable)
+        .zip(batch.replies)
+    {
+        if forwardable {
+            to_send.push(command);
+            waiting.push(reply);
+        } else {
+            let _ = reply.send(Err(NodeError::NotLeader));
+        }
+    }
+    if to_send.is_empty() {
+        return;
+    }
+    match forwarder.propose(&addr, to_send).await {
+        Ok(outcomes) if outcomes.len() == waiting.len() => {
+            for (reply, outcome) in waiting.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+        Ok(outcomes) => {
+            let error = NodeError::Unavailable(format!(
+                "leader answered {} outcomes for {} commands",
+                outcomes.len(),
+                waiting.len()
+            ));
+            for reply in waiting {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+        Err(error) => {
+            for reply in waiting {
+                let _ = reply.send(Err(error.clone()));
+            }
+        }
+    }
+}
+
+/// Adds queued proposals to `batch` up to the bound, lingering if configured.
+async fn fill(rx: &mut mpsc::Receiver<Proposal>, batch: &mut Pending, config: BatchConfig) {
+    let room = |b: &Pending| b.len() < config.max_batch_commands;
+    while room(batch) {
+        match rx.try_recv() {
+            Ok(p) => batch.push(p),
+            Err(_) => break,
+        }
+    }
+    if config.batch_linger.is_zero() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + config.batch_linger;
+    while room(batch) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(p)) => batch.push(p),
+            Ok(None) | Err(_) => break,
+        }
+    }
+}
