@@ -23,7 +23,16 @@ fn tally(addr: &str, args: &[&str]) -> (i32, String, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_readme_walkthrough_works_against_the_embedded_example() {
     // The embedded example limits, exactly as `tallyd` with no arguments serves them.
-    let running = server::spawn(ServerConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().join("node-1"),
+        ..ServerConfig::default()
+    };
+    let running = server::spawn(config).await.unwrap();
+    running
+        .wait_ready(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
     let addr = format!("http://{}", running.grpc_addr);
     let check = [
         "check",

@@ -3,20 +3,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tally_proto::tally::v1::admin_client::AdminClient;
-use tally_proto::tally::v1::cluster_client::ClusterClient;
-use tally_proto::tally::v1::{
-    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, GetStatusRequest, PromoteRequest,
-};
+use tally_proto::tally::v1::{AddLearnerRequest, GetStatusRequest, PromoteRequest};
 use tally_server::node::ManualClock;
-use tally_server::server::{self, LimitsSource, Listeners, RunningServer, ServerConfig};
-use tokio::net::TcpListener;
+use tally_server::server::{LimitsSource, ServerConfig};
 use tonic::transport::Channel;
 
 const LIMITS: &str = r#"
@@ -35,122 +30,14 @@ domains:
         window: 1h
 "#;
 
-struct Cluster {
-    dir: tempfile::TempDir,
-    clock: Arc<ManualClock>,
-    raft_addrs: Vec<SocketAddr>,
-    nodes: Vec<Option<RunningServer>>,
-}
-
-impl Cluster {
-    /// Node `i` (1-based) serving on its fixed Raft address.
-    async fn start_node(&mut self, i: usize, bootstrap: bool) {
-        let listeners = Listeners {
-            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            raft: TcpListener::bind(self.raft_addrs[i - 1]).await.unwrap(),
-        };
-        let config = ServerConfig {
-            limits: LimitsSource::Inline {
-                origin: "test limits".into(),
-                text: LIMITS.into(),
-            },
-            clock: self.clock.clone(),
-            node_id: i as u64,
-            data_dir: self.dir.path().join(format!("node-{i}")),
-            bootstrap,
-            timings: fast_timings(),
-            ..ServerConfig::default()
-        };
-        self.nodes[i - 1] = Some(server::spawn_on(listeners, config).await.unwrap());
-    }
-
-    /// Three nodes: node 1 bootstraps, 2 and 3 join as learners and are promoted.
-    async fn three() -> Cluster {
-        let mut raft_addrs = Vec::new();
-        for _ in 0..3 {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            raft_addrs.push(l.local_addr().unwrap());
-        }
-        let mut c = Cluster {
-            dir: tempfile::tempdir().unwrap(),
-            clock: Arc::new(ManualClock::new(T0_MS)),
-            raft_addrs,
-            nodes: vec![None, None, None],
-        };
-        c.start_node(1, true).await;
-        c.node(1).wait_ready(Duration::from_secs(10)).await.unwrap();
-        c.start_node(2, false).await;
-        c.start_node(3, false).await;
-        let mut admin = c.cluster_client(1).await;
-        for id in [2u64, 3] {
-            admin
-                .add_learner(AddLearnerRequest {
-                    id,
-                    addr: c.raft_addrs[id as usize - 1].to_string(),
-                })
-                .await
-                .unwrap();
-            admin.promote(PromoteRequest { id }).await.unwrap();
-        }
-        for i in 1..=3 {
-            c.node(i).wait_ready(Duration::from_secs(10)).await.unwrap();
-        }
-        c
-    }
-
-    fn node(&self, i: usize) -> &RunningServer {
-        self.nodes[i - 1].as_ref().expect("node running")
-    }
-
-    async fn cluster_client(&self, i: usize) -> ClusterClient<Channel> {
-        ClusterClient::new(connect(self.raft_addrs[i - 1]).await)
-    }
-
-    async fn rls(&self, i: usize) -> RateLimitServiceClient<Channel> {
-        RateLimitServiceClient::new(connect(self.node(i).grpc_addr).await)
-    }
-
-    async fn status_from(&self, i: usize) -> ClusterStatus {
-        self.cluster_client(i)
-            .await
-            .status(ClusterStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    /// Waits until some running node other than `not` reports itself leader.
-    async fn leader(&self, not: Option<u64>) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            for i in 1..=3 {
-                if self.nodes[i - 1].is_none() {
-                    continue;
-                }
-                if let Ok(s) = self
-                    .cluster_client(i)
-                    .await
-                    .status(ClusterStatusRequest {})
-                    .await
-                {
-                    let s = s.into_inner();
-                    if let Some(l) = s.leader_id
-                        && Some(l) != not
-                        && s.answered_by == l
-                    {
-                        return l;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "a leader within 10 s");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn stop(&mut self, i: usize) {
-        let node = self.nodes[i - 1].take().expect("running");
-        node.stop().await.unwrap();
+fn base() -> ServerConfig {
+    ServerConfig {
+        limits: LimitsSource::Inline {
+            origin: "test limits".into(),
+            text: LIMITS.into(),
+        },
+        timings: fast_timings(),
+        ..ServerConfig::default()
     }
 }
 
@@ -171,7 +58,7 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_replicate_and_followers_forward() {
-    let c = Cluster::three().await;
+    let c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
     let status = c.status_from(2).await;
     assert_eq!(status.members.len(), 3);
     assert!(status.members.iter().all(|m| m.voter));
@@ -195,7 +82,7 @@ async fn three_nodes_replicate_and_followers_forward() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leader_killed_under_load_never_over_admits_or_loses_an_ack() {
-    let mut c = Cluster::three().await;
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
     let leader = c.leader(None).await as usize;
     let followers: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
     let mut clients = Vec::new();
@@ -249,7 +136,7 @@ async fn leader_killed_under_load_never_over_admits_or_loses_an_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_of_every_node_keeps_counters() {
-    let mut c = Cluster::three().await;
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
     let mut rls = c.rls(1).await;
     for _ in 0..3 {
         assert_eq!(ask(&mut rls, "req", "r").await.unwrap(), Code::Ok);
@@ -275,7 +162,7 @@ async fn restart_of_every_node_keeps_counters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_follower_catches_up_by_snapshot() {
-    let mut c = Cluster::three().await;
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
     let leader = c.leader(None).await as usize;
     let victim = if leader == 3 { 2 } else { 3 };
     c.stop(victim).await;
@@ -328,7 +215,7 @@ async fn a_wiped_follower_catches_up_by_snapshot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_minority_answers_unavailable_within_the_deadline() {
-    let mut c = Cluster::three().await;
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
     let leader = c.leader(None).await as usize;
     let others: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
     // Keep one follower; stop the leader and the other follower: no quorum.
@@ -357,4 +244,111 @@ async fn a_minority_answers_unavailable_within_the_deadline() {
             started.elapsed()
         );
     }
+}
+
+/// Waits until node `i`'s engine holds at least `counters` counters.
+async fn wait_counters(
+    c: &Cluster,
+    i: usize,
+    counters: u64,
+) -> tally_proto::tally::v1::GetStatusResponse {
+    let mut admin = AdminClient::new(connect(c.node(i).grpc_addr).await);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let s = admin
+            .get_status(GetStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if s.live_counters >= counters {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {i} caught up within 15 s: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_torn_log_write_recovers_the_prefix_and_catches_up() {
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
+    let leader = c.leader(None).await as usize;
+    let victim = if leader == 3 { 2 } else { 3 };
+    let mut rls = c.rls(leader).await;
+    for n in 0..50 {
+        assert_eq!(
+            ask(&mut rls, "req", &format!("t{n}")).await.unwrap(),
+            Code::Ok
+        );
+    }
+    wait_counters(&c, victim, 50).await;
+    c.stop(victim).await;
+    // Tear the newest log file mid-record, as a crash during a write would.
+    let log_dir = c.dir.path().join(format!("node-{victim}/log"));
+    let newest = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file() && std::fs::metadata(p).unwrap().len() > 0)
+        .max_by_key(|p| std::fs::metadata(p).unwrap().modified().unwrap())
+        .expect("a log file");
+    let len = std::fs::metadata(&newest).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap();
+    f.set_len(len - 3).unwrap();
+    drop(f);
+    for n in 50..80 {
+        assert_eq!(
+            ask(&mut rls, "req", &format!("t{n}")).await.unwrap(),
+            Code::Ok
+        );
+    }
+    c.start_node(victim, false).await;
+    c.node(victim)
+        .wait_ready(Duration::from_secs(15))
+        .await
+        .unwrap();
+    wait_counters(&c, victim, 80).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_learner_added_under_load_catches_up_and_is_promoted() {
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
+    // Shrink to two voters (remove node 3), then add it back fresh under load.
+    let mut admin = c.cluster_client(1).await;
+    admin
+        .remove(tally_proto::tally::v1::RemoveRequest { id: 3 })
+        .await
+        .unwrap();
+    c.stop(3).await;
+    std::fs::remove_dir_all(c.dir.path().join("node-3")).unwrap();
+    let load = {
+        let mut rls = c.rls(1).await;
+        tokio::spawn(async move {
+            for n in 0..400 {
+                let _ = ask(&mut rls, "req", &format!("l{n}")).await;
+            }
+        })
+    };
+    c.start_node(3, false).await;
+    admin
+        .add_learner(AddLearnerRequest {
+            id: 3,
+            addr: c.raft_addrs[2].to_string(),
+        })
+        .await
+        .unwrap();
+    admin.promote(PromoteRequest { id: 3 }).await.unwrap();
+    load.await.unwrap();
+    let status = c.status_from(1).await;
+    let member = status
+        .members
+        .iter()
+        .find(|m| m.id == 3)
+        .expect("node 3 is a member");
+    assert!(member.voter);
+    wait_counters(&c, 3, 400).await;
 }

@@ -622,7 +622,7 @@ fn errors_map_to_unreachable_timeout_and_remote() {
             .expect_err("nobody listens");
         assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
         assert!(
-            start.elapsed() < Duration::from_millis(500),
+            start.elapsed() < Duration::from_millis(1500),
             "{:?}",
             start.elapsed()
         );
@@ -681,7 +681,7 @@ fn errors_map_to_unreachable_timeout_and_remote() {
         let took = start.elapsed();
         assert!(matches!(err, RPCError::Timeout(_)), "{err:?}");
         assert!(
-            took >= Duration::from_millis(190) && took < Duration::from_millis(600),
+            took >= Duration::from_millis(190) && took < Duration::from_millis(1500),
             "{took:?}"
         );
         drop(silent);

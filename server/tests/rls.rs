@@ -4,6 +4,19 @@
 mod common;
 
 use common::*;
+
+behaviour_suite!(
+    admits_up_to_capacity_then_429_with_body_and_statuses,
+    request_hits_addend_zero_means_one_and_n_means_n,
+    per_descriptor_hits_override_and_present_zero_checks_only,
+    descriptor_limit_override_replaces_configured_limit,
+    all_descriptors_must_pass_and_none_is_debited_on_denial,
+    draft03_headers_on_request,
+    kuadrant_check_does_not_debit_and_report_always_does,
+    sixty_four_concurrent_clients_admit_exactly_the_limit,
+    bad_input_is_invalid_argument_naming_the_field,
+    a_full_counter_table_refuses_new_counters_without_half_applying,
+);
 use tally_proto::envoy::r#type::v3::RateLimitUnit;
 use tonic::Code as GrpcCode;
 
@@ -37,9 +50,8 @@ fn user(u: &str) -> tally_proto::envoy::extensions::common::ratelimit::v3::RateL
     desc(&[("kind", "req"), ("user", u)])
 }
 
-#[tokio::test]
-async fn admits_up_to_capacity_then_429_with_body_and_statuses() {
-    let mut t = start(LIMITS).await;
+async fn admits_up_to_capacity_then_429_with_body_and_statuses(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     for expected_remaining in [2, 1, 0] {
         let r = t.should(req("test", vec![user("alice")], 0)).await;
         assert_eq!(code(&r), Code::Ok);
@@ -76,9 +88,8 @@ async fn admits_up_to_capacity_then_429_with_body_and_statuses() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn request_hits_addend_zero_means_one_and_n_means_n() {
-    let mut t = start(LIMITS).await;
+async fn request_hits_addend_zero_means_one_and_n_means_n(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let r = t.should(req("test", vec![user("a")], 2)).await;
     assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 1));
     // 2 more do not fit in the 1 left: denied, nothing debited.
@@ -92,9 +103,8 @@ async fn request_hits_addend_zero_means_one_and_n_means_n() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn per_descriptor_hits_override_and_present_zero_checks_only() {
-    let mut t = start(LIMITS).await;
+async fn per_descriptor_hits_override_and_present_zero_checks_only(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let tokens = || desc(&[("kind", "tokens"), ("user", "u")]);
     // Check only: nothing debited, remaining stays at capacity.
     for _ in 0..3 {
@@ -122,9 +132,8 @@ async fn per_descriptor_hits_override_and_present_zero_checks_only() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn descriptor_limit_override_replaces_configured_limit() {
-    let mut t = start(LIMITS).await;
+async fn descriptor_limit_override_replaces_configured_limit(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let d = || with_override(user("o"), 1, RateLimitUnit::Hour as i32);
     let r = t.should(req("test", vec![d()], 0)).await;
     assert_eq!(code(&r), Code::Ok);
@@ -154,9 +163,8 @@ async fn descriptor_limit_override_replaces_configured_limit() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn all_descriptors_must_pass_and_none_is_debited_on_denial() {
-    let mut t = start(LIMITS).await;
+async fn all_descriptors_must_pass_and_none_is_debited_on_denial(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let org = || desc(&[("kind", "org"), ("org", "acme")]);
     // Use up the per-user limit of 3 while the org (5) has room.
     for _ in 0..3 {
@@ -182,9 +190,8 @@ async fn all_descriptors_must_pass_and_none_is_debited_on_denial() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn draft03_headers_on_request() {
-    let mut t = start_with(LIMITS, |c| c.response.draft03_headers = true).await;
+async fn draft03_headers_on_request(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |c| c.response.draft03_headers = true).await;
     let org = || desc(&[("kind", "org"), ("org", "h")]);
     let r = t.should(req("test", vec![org(), user("h")], 0)).await;
     assert_eq!(
@@ -203,9 +210,8 @@ async fn draft03_headers_on_request() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn kuadrant_check_does_not_debit_and_report_always_does() {
-    let mut t = start(LIMITS).await;
+async fn kuadrant_check_does_not_debit_and_report_always_does(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let tokens = || desc(&[("kind", "tokens"), ("user", "k")]);
     for _ in 0..5 {
         let r = t
@@ -262,9 +268,8 @@ async fn kuadrant_check_does_not_debit_and_report_always_does() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn sixty_four_concurrent_clients_admit_exactly_the_limit() {
-    let t = start(LIMITS).await;
+async fn sixty_four_concurrent_clients_admit_exactly_the_limit(topology: Topology) {
+    let t = start_on(topology, LIMITS, |_| {}).await;
     let mut tasks = Vec::new();
     for _ in 0..64 {
         // One connection per client, like 64 Envoy workers.
@@ -296,9 +301,8 @@ async fn sixty_four_concurrent_clients_admit_exactly_the_limit() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn bad_input_is_invalid_argument_naming_the_field() {
-    let mut t = start(LIMITS).await;
+async fn bad_input_is_invalid_argument_naming_the_field(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
     let long = "x".repeat(2_000);
     let cases: Vec<(
         tally_proto::envoy::service::ratelimit::v3::RateLimitRequest,
@@ -363,9 +367,8 @@ async fn bad_input_is_invalid_argument_naming_the_field() {
     t.stop().await;
 }
 
-#[tokio::test]
-async fn a_full_counter_table_refuses_new_counters_without_half_applying() {
-    let mut t = start_with(LIMITS, |c| c.engine.max_counters = 2).await;
+async fn a_full_counter_table_refuses_new_counters_without_half_applying(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |c| c.engine.max_counters = 2).await;
     assert_eq!(
         code(&t.should(req("test", vec![user("1")], 0)).await),
         Code::Ok

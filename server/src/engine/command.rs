@@ -140,6 +140,31 @@ impl CommandError {
     }
 }
 
+impl Command {
+    /// About how many bytes the command takes in a log entry: bounds batch sizes.
+    pub fn estimated_bytes(&self) -> usize {
+        match self {
+            Command::RateLimit(c) => {
+                let descriptors: usize = c
+                    .descriptors
+                    .iter()
+                    .map(|d| {
+                        16 + d
+                            .entries
+                            .iter()
+                            .map(|(k, v)| 4 + k.len() + v.len())
+                            .sum::<usize>()
+                    })
+                    .sum();
+                16 + c.domain.len() + descriptors
+            }
+            Command::ReplaceLimits(set) => {
+                postcard::to_allocvec(set).map_or(usize::MAX, |v| v.len())
+            }
+        }
+    }
+}
+
 impl RateLimitCommand {
     /// Checks the stated bounds; the error names the offending field as the RLS request spells
     /// it (e.g. `descriptors[2].entries[0].key`).

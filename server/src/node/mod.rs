@@ -114,7 +114,9 @@ pub enum NodeError {
     Unavailable(String),
 }
 
+/// Why a node could not start. Large (it can carry openraft's storage error), but built once.
 #[derive(Debug, thiserror::Error)]
+#[allow(clippy::large_enum_variant)]
 pub enum NodeStartError {
     #[error("log store: {0}")]
     LogStore(#[from] log_store::LogStoreError),
@@ -149,6 +151,7 @@ pub struct Node {
 
 impl Node {
     /// Opens the data directory, starts Raft and the proposer.
+    #[allow(clippy::result_large_err)]
     pub async fn start(config: NodeConfig) -> Result<Node, NodeStartError> {
         assert!(
             (1..=MAX_BATCH_COMMANDS).contains(&config.batch.max_batch_commands),
@@ -167,6 +170,8 @@ impl Node {
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
             max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,
             snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
+            // Per chunk: generous for a loaded node or a slow link.
+            install_snapshot_timeout: 2_000,
             ..openraft::Config::default()
         }
         .validate()?;
@@ -278,6 +283,7 @@ impl Node {
 }
 
 /// Records the node id in the data directory, and refuses a directory of another node.
+#[allow(clippy::result_large_err)]
 fn claim_data_dir(config: &NodeConfig) -> Result<(), NodeStartError> {
     let dir = &config.data_dir;
     let io = |error| NodeStartError::DataDir {

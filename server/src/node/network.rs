@@ -59,7 +59,7 @@ pub const SNAPSHOT_CHUNK_BYTES: u64 = 1024 * 1024;
 /// Largest Raft message either way, bytes (requests and responses, both ends). Far above a
 /// snapshot chunk; it also bounds one log entry (a batch), which must fit in one append-entries
 /// message on its own.
-pub const MAX_RAFT_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub const MAX_RAFT_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// Protobuf framing around the payload bytes inside one message (tag and length), bytes.
 const PAYLOAD_FRAMING_BYTES: usize = 16;

@@ -18,6 +18,10 @@ use crate::engine::{Command, Outcome};
 
 /// Batches proposed and not yet answered, at most; the proposer waits beyond it.
 pub const MAX_INFLIGHT_BATCHES: usize = 32;
+/// A batch stops taking commands once it holds about this many bytes, far below the Raft
+/// message bound ([`super::network::MAX_RAFT_MESSAGE_BYTES`]); one larger command still goes
+/// alone.
+pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 pub(super) type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
 
@@ -30,6 +34,7 @@ pub(super) struct Proposal {
 }
 
 struct Pending {
+    bytes: usize,
     commands: Vec<Command>,
     forwardable: Vec<bool>,
     replies: Vec<Reply>,
@@ -38,6 +43,7 @@ struct Pending {
 impl Pending {
     fn with_capacity(n: usize) -> Pending {
         Pending {
+            bytes: 0,
             commands: Vec::with_capacity(n),
             forwardable: Vec::with_capacity(n),
             replies: Vec::with_capacity(n),
@@ -45,6 +51,7 @@ impl Pending {
     }
 
     fn push(&mut self, p: Proposal) {
+        self.bytes = self.bytes.saturating_add(p.command.estimated_bytes());
         self.commands.push(p.command);
         self.forwardable.push(p.forwardable);
         self.replies.push(p.reply);
@@ -216,7 +223,7 @@ async fn forward(raft: &Raft, forwarder: &Forwarder, leader: Option<NodeId>, bat
 
 /// Adds queued proposals to `batch` up to the bound, lingering if configured.
 async fn fill(rx: &mut mpsc::Receiver<Proposal>, batch: &mut Pending, config: BatchConfig) {
-    let room = |b: &Pending| b.len() < config.max_batch_commands;
+    let room = |b: &Pending| b.len() < config.max_batch_commands && b.bytes < MAX_BATCH_BYTES;
     while room(batch) {
         match rx.try_recv() {
             Ok(p) => batch.push(p),

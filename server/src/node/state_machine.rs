@@ -9,6 +9,10 @@
 //! it built (and so persisted). On start the engine is restored from the snapshot and openraft
 //! re-applies the committed log after it.
 
+// openraft's StorageError is what the storage traits return; boxing it here would only move
+// the conversion elsewhere.
+#![allow(clippy::result_large_err)]
+
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,12 +46,15 @@ struct SnapshotFile {
     engine: Vec<u8>,
 }
 
+/// The current snapshot's metadata and encoded bytes.
+type CurrentSnapshot = (SnapshotMeta, Arc<Vec<u8>>);
+
 /// The state machine handed to openraft. Cheap to clone: clones share the state.
 #[derive(Clone)]
 pub struct StateMachine {
     applied: Arc<Mutex<Applied>>,
     /// The current snapshot, encoded as a [`SnapshotFile`].
-    current: Arc<Mutex<Option<(SnapshotMeta, Arc<Vec<u8>>)>>>,
+    current: Arc<Mutex<Option<CurrentSnapshot>>>,
     dir: PathBuf,
     /// Distinguishes snapshots built at the same log id.
     built: Arc<std::sync::atomic::AtomicU64>,

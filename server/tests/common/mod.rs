@@ -2,9 +2,34 @@
 //! terse request builders.
 #![allow(dead_code)]
 
+/// Instantiates behaviour tests (each an `async fn(Topology)`) for every topology.
+#[macro_export]
+macro_rules! behaviour_suite {
+    ($($name:ident),* $(,)?) => {
+        mod one_node {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Topology::OneNode).await
+                }
+            )*
+        }
+        mod three_nodes {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Topology::ThreeNodes).await
+                }
+            )*
+        }
+    };
+}
+
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+use std::time::Instant;
 use tally_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use tally_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::{
     Entry, RateLimitOverride,
@@ -14,7 +39,13 @@ use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResp
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use tally_server::api::ResponseOptions;
 use tally_server::node::{ManualClock, RaftTimings};
-use tally_server::server::{self, LimitsSource, RunningServer, ServerConfig};
+
+use tally_proto::tally::v1::cluster_client::ClusterClient;
+use tally_proto::tally::v1::{
+    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, PromoteRequest,
+};
+use tally_server::server::{self, LimitsSource, Listeners, RunningServer, ServerConfig};
+use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 pub use tally_proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -23,7 +54,10 @@ pub use tally_proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 pub const T0_MS: i64 = 1_795_435_200_000;
 
 pub struct TestServer {
+    /// The node requests go to (a follower, with three nodes).
     pub server: RunningServer,
+    /// The other nodes, with three.
+    pub cluster: Option<Cluster>,
     pub dir: tempfile::TempDir,
     pub clock: Arc<ManualClock>,
     pub rls: RateLimitServiceClient<Channel>,
@@ -34,7 +68,23 @@ pub async fn start(limits_yaml: &str) -> TestServer {
     start_with(limits_yaml, |_| {}).await
 }
 
+/// How many nodes a behaviour test runs against.
+#[derive(Clone, Copy, Debug)]
+pub enum Topology {
+    OneNode,
+    /// Requests go to a follower, which forwards them to the leader.
+    ThreeNodes,
+}
+
 pub async fn start_with(limits_yaml: &str, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+    start_on(Topology::OneNode, limits_yaml, tweak).await
+}
+
+pub async fn start_on(
+    topology: Topology,
+    limits_yaml: &str,
+    tweak: impl FnOnce(&mut ServerConfig),
+) -> TestServer {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let dir = tempfile::tempdir().unwrap();
     let mut config = ServerConfig {
@@ -49,14 +99,25 @@ pub async fn start_with(limits_yaml: &str, tweak: impl FnOnce(&mut ServerConfig)
         ..ServerConfig::default()
     };
     tweak(&mut config);
-    let server = server::spawn(config).await.expect("server starts");
-    server
-        .wait_ready(Duration::from_secs(10))
-        .await
-        .expect("ready within 10 s");
+    let (server, cluster) = match topology {
+        Topology::OneNode => {
+            let server = server::spawn(config).await.expect("server starts");
+            server
+                .wait_ready(Duration::from_secs(10))
+                .await
+                .expect("ready within 10 s");
+            (server, None)
+        }
+        Topology::ThreeNodes => {
+            let mut cluster = Cluster::three(config, clock.clone()).await;
+            let follower = cluster.nodes[1].take().expect("node 2 runs");
+            (follower, Some(cluster))
+        }
+    };
     let channel = connect(server.grpc_addr).await;
     TestServer {
         server,
+        cluster,
         dir,
         clock,
         rls: RateLimitServiceClient::new(channel.clone()),
@@ -136,6 +197,11 @@ impl TestServer {
 
     pub async fn stop(self) {
         self.server.stop().await.expect("server stops cleanly");
+        if let Some(mut cluster) = self.cluster {
+            for i in [1, 3] {
+                cluster.stop(i).await;
+            }
+        }
     }
 }
 
@@ -148,4 +214,124 @@ pub fn header<'a>(r: &'a RateLimitResponse, key: &str) -> Option<&'a str> {
         .iter()
         .find(|h| h.key == key)
         .map(|h| h.value.as_str())
+}
+
+pub struct Cluster {
+    /// The configuration every node starts from (limits, clock, timings, tweaks).
+    pub base: ServerConfig,
+    pub dir: tempfile::TempDir,
+    pub clock: Arc<ManualClock>,
+    pub raft_addrs: Vec<SocketAddr>,
+    pub nodes: Vec<Option<RunningServer>>,
+}
+
+impl Cluster {
+    /// Node `i` (1-based) serving on its fixed Raft address.
+    pub async fn start_node(&mut self, i: usize, bootstrap: bool) {
+        let listeners = Listeners {
+            grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
+            raft: TcpListener::bind(self.raft_addrs[i - 1]).await.unwrap(),
+        };
+        let config = ServerConfig {
+            node_id: i as u64,
+            data_dir: self.dir.path().join(format!("node-{i}")),
+            bootstrap,
+            ..self.base.clone()
+        };
+        self.nodes[i - 1] = Some(server::spawn_on(listeners, config).await.unwrap());
+    }
+
+    /// Three nodes: node 1 bootstraps, 2 and 3 join as learners and are promoted.
+    pub async fn three(base: ServerConfig, clock: Arc<ManualClock>) -> Cluster {
+        let base = ServerConfig {
+            clock: clock.clone(),
+            ..base
+        };
+        let mut raft_addrs = Vec::new();
+        for _ in 0..3 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            raft_addrs.push(l.local_addr().unwrap());
+        }
+        let mut c = Cluster {
+            base,
+            dir: tempfile::tempdir().unwrap(),
+            clock,
+            raft_addrs,
+            nodes: vec![None, None, None],
+        };
+        c.start_node(1, true).await;
+        c.node(1).wait_ready(Duration::from_secs(10)).await.unwrap();
+        c.start_node(2, false).await;
+        c.start_node(3, false).await;
+        let mut admin = c.cluster_client(1).await;
+        for id in [2u64, 3] {
+            admin
+                .add_learner(AddLearnerRequest {
+                    id,
+                    addr: c.raft_addrs[id as usize - 1].to_string(),
+                })
+                .await
+                .unwrap();
+            admin.promote(PromoteRequest { id }).await.unwrap();
+        }
+        for i in 1..=3 {
+            c.node(i).wait_ready(Duration::from_secs(10)).await.unwrap();
+        }
+        c
+    }
+
+    pub fn node(&self, i: usize) -> &RunningServer {
+        self.nodes[i - 1].as_ref().expect("node running")
+    }
+
+    pub async fn cluster_client(&self, i: usize) -> ClusterClient<Channel> {
+        ClusterClient::new(connect(self.raft_addrs[i - 1]).await)
+    }
+
+    pub async fn rls(&self, i: usize) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::new(connect(self.node(i).grpc_addr).await)
+    }
+
+    pub async fn status_from(&self, i: usize) -> ClusterStatus {
+        self.cluster_client(i)
+            .await
+            .status(ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Waits until some running node other than `not` reports itself leader.
+    pub async fn leader(&self, not: Option<u64>) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            for i in 1..=3 {
+                if self.nodes[i - 1].is_none() {
+                    continue;
+                }
+                if let Ok(s) = self
+                    .cluster_client(i)
+                    .await
+                    .status(ClusterStatusRequest {})
+                    .await
+                {
+                    let s = s.into_inner();
+                    if let Some(l) = s.leader_id
+                        && Some(l) != not
+                        && s.answered_by == l
+                    {
+                        return l;
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "a leader within 10 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn stop(&mut self, i: usize) {
+        let node = self.nodes[i - 1].take().expect("running");
+        node.stop().await.unwrap();
+    }
 }
