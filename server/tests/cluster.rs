@@ -352,3 +352,73 @@ async fn a_learner_added_under_load_catches_up_and_is_promoted() {
     assert!(member.voter);
     wait_counters(&c, 3, 400).await;
 }
+
+/// `fast` limits are answered from the leader's speculative state before commit; `strict`
+/// ones only after. A leader cut off from its followers shows the difference: it keeps
+/// answering fast requests (up to its in-flight window) while strict ones get UNAVAILABLE.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_limits_answer_before_commit_and_strict_ones_wait() {
+    let mixed = r#"
+domains:
+  - domain: test
+    limits:
+      - name: fast-requests
+        match: { kind: fast }
+        by: [user]
+        ack: fast
+        capacity: 3
+        window: 1h
+      - name: strict-requests
+        match: { kind: req }
+        by: [user]
+        capacity: 100
+        window: 1h
+"#;
+    let config = ServerConfig {
+        limits: LimitsSource::Inline {
+            origin: "mixed".into(),
+            text: mixed.into(),
+        },
+        ..base()
+    };
+    let mut c = Cluster::three(config, Arc::new(ManualClock::new(T0_MS))).await;
+    let leader = c.leader(None).await as usize;
+    // Give the new term's speculative engine a committed batch to start from.
+    let mut rls = c.rls(leader).await;
+    assert_eq!(ask(&mut rls, "req", "warm").await.unwrap(), Code::Ok);
+    for i in (1..=3).filter(|i| *i != leader) {
+        c.stop(i).await;
+    }
+    // As Envoy calls: its expected timeout in a header, our client a little more patient.
+    let deadline = |r: &mut tonic::Request<_>| {
+        r.set_timeout(Duration::from_millis(600));
+        r.metadata_mut()
+            .insert("x-envoy-expected-rq-timeout-ms", "300".parse().unwrap());
+    };
+    // Fast: decided and answered with no quorum, exactly as a committed decision would be.
+    for expected in [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit] {
+        let mut r = tonic::Request::new(req(
+            "test",
+            vec![desc(&[("kind", "fast"), ("user", "f")])],
+            0,
+        ));
+        deadline(&mut r);
+        let answer = rls
+            .should_rate_limit(r)
+            .await
+            .expect("fast limits answer without quorum");
+        assert_eq!(code(&answer.into_inner()), expected);
+    }
+    // Strict: no commit, no answer within the deadline.
+    let mut r = tonic::Request::new(req(
+        "test",
+        vec![desc(&[("kind", "req"), ("user", "s")])],
+        0,
+    ));
+    deadline(&mut r);
+    let status = rls
+        .should_rate_limit(r)
+        .await
+        .expect_err("strict waits for a quorum");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+}

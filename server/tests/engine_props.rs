@@ -58,6 +58,7 @@ fn spec(name: &str, keys: &[&str], capacity: u64, window: WindowSpec) -> LimitSp
         capacity: Capacity::Max(capacity),
         window,
         shadow: false,
+        ack: tally_server::engine::limits::Ack::Strict,
         replaces: vec![],
     }
 }

@@ -55,6 +55,7 @@ fn limit(name: &str, window: WindowSpec) -> LimitSpec {
         capacity: Capacity::Max(1_000),
         window,
         shadow: false,
+        ack: tally_server::engine::limits::Ack::Strict,
         replaces: vec![],
     }
 }

@@ -2,8 +2,9 @@
 
 use std::time::Duration;
 
-/// Time kept back from the caller's deadline to answer before it passes.
-const MARGIN: Duration = Duration::from_millis(2);
+/// Time kept back from the caller's deadline to answer before it passes: a twentieth of it,
+/// and at least this much.
+const MIN_MARGIN: Duration = Duration::from_millis(2);
 /// The longest a decision may wait for a leader or a quorum, whatever the caller allows.
 pub const MAX_DECISION_WAIT: Duration = Duration::from_secs(10);
 
@@ -23,7 +24,8 @@ pub fn of<T>(request: &tonic::Request<T>) -> Option<Duration> {
         (Some(a), Some(b)) => a.min(b),
         (a, b) => a.or(b)?,
     };
-    Some(allowed.saturating_sub(MARGIN).min(MAX_DECISION_WAIT))
+    let margin = (allowed / 20).max(MIN_MARGIN);
+    Some(allowed.saturating_sub(margin).min(MAX_DECISION_WAIT))
 }
 
 /// `grpc-timeout` is at most 8 digits and a unit: H, M, S, m, u or n.

@@ -364,6 +364,7 @@ fn limit(
             capacity,
             window,
             shadow: node.shadow_mode,
+            ack: crate::engine::limits::Ack::Strict,
             replaces: raw
                 .replaces
                 .iter()
@@ -460,6 +461,7 @@ mod tests {
             capacity,
             window,
             shadow: false,
+            ack: crate::engine::limits::Ack::Strict,
             replaces: vec![],
         }
     }

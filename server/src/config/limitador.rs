@@ -132,6 +132,7 @@ pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
                 capacity: Capacity::Max(raw.max_value),
                 window: WindowSpec::FromFirstHit { duration_ms },
                 shadow: false,
+                ack: crate::engine::limits::Ack::Strict,
                 replaces: Vec::new(),
             },
             name_path: path.key("name"),
@@ -274,6 +275,7 @@ mod tests {
                 duration_ms: seconds * 1_000,
             },
             shadow: false,
+            ack: crate::engine::limits::Ack::Strict,
             replaces: vec![],
         }
     }

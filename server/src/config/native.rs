@@ -28,6 +28,8 @@
 //!         # unlimited: true          # instead of capacity: always admits, keeps no counter
 //!         window: 1m                 # required unless unlimited; see below
 //!         shadow: false              # optional; counted and reported, never denies
+//!         ack: strict                # optional; `fast`: answered by the leader before commit
+//!                                    # (plain request windows; see the README's bound)
 //!         replaces: []               # optional; names of limits in this domain that this
 //!                                    # one replaces when both match one request
 //! ```
@@ -108,7 +110,27 @@ struct LimitRaw {
     #[serde(default)]
     shadow: bool,
     #[serde(default)]
+    ack: AckRaw,
+    #[serde(default)]
     replaces: Vec<String>,
+}
+
+/// `ack: strict | fast`.
+#[derive(Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum AckRaw {
+    #[default]
+    Strict,
+    Fast,
+}
+
+impl From<AckRaw> for crate::engine::limits::Ack {
+    fn from(a: AckRaw) -> Self {
+        match a {
+            AckRaw::Strict => crate::engine::limits::Ack::Strict,
+            AckRaw::Fast => crate::engine::limits::Ack::Fast,
+        }
+    }
 }
 
 /// A YAML map kept in file order (conditions are evaluated in the order written).
@@ -447,6 +469,7 @@ fn limit(
             capacity,
             window,
             shadow: raw.shadow,
+            ack: raw.ack.into(),
             replaces: raw.replaces.clone(),
         },
         path: path.clone(),
@@ -960,6 +983,7 @@ mod tests {
             capacity: Capacity::Max(capacity),
             window: rolling(60_000),
             shadow: false,
+            ack: crate::engine::limits::Ack::Strict,
             replaces: vec![],
         }
     }
@@ -1054,6 +1078,7 @@ mod tests {
                     duration_ms: 90_000
                 },
                 shadow: false,
+                ack: crate::engine::limits::Ack::Strict,
                 replaces: vec![],
             }]
         );

@@ -105,6 +105,9 @@ pub struct Decision {
     pub statuses: Vec<DescriptorStatus>,
     /// Names of shadow-mode limits this request went over (admitted anyway).
     pub shadow_exceeded: Vec<Arc<str>>,
+    /// Every counter the request touched belongs to a `fast` limit: the leader may answer it
+    /// before the batch commits.
+    pub fast: bool,
 }
 
 /// One outcome per command, in batch order.

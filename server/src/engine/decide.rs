@@ -14,7 +14,7 @@ use super::command::{
     RateLimitCommand,
 };
 use super::counters::{self, Counters, OVERRIDE_LIMIT_ID, SWEEP_WHEN_FULL};
-use super::limits::{DescriptorKey, EntryCondition, ValueMatch};
+use super::limits::{Ack, DescriptorKey, EntryCondition, ValueMatch};
 use super::registry::{Limit, Matcher, Registry};
 use super::window::{CounterState, Window};
 
@@ -108,10 +108,12 @@ pub fn decide(ctx: Ctx<'_>, cmd: &RateLimitCommand, now_ms: i64) -> Result<Decis
             shadow_exceeded.push(name);
         }
     }
+    let fast = scratch.touched.iter().all(|t| is_fast(registry, t.limit));
     Ok(Decision {
         code,
         statuses: statuses(registry, scratch, cmd.descriptors.len(), empty_name),
         shadow_exceeded,
+        fast,
     })
 }
 
@@ -396,6 +398,14 @@ fn statuses(
 fn is_shadow(registry: &Registry, limit: LimitRef) -> bool {
     match limit {
         LimitRef::Configured(id) => registry.limits[&id].spec.shadow,
+        LimitRef::Override(_) => false,
+    }
+}
+
+/// Overrides come from the request, not a limit file: they are strict.
+fn is_fast(registry: &Registry, limit: LimitRef) -> bool {
+    match limit {
+        LimitRef::Configured(id) => registry.limits[&id].spec.ack == Ack::Fast,
         LimitRef::Override(_) => false,
     }
 }

@@ -41,8 +41,23 @@ pub struct LimitSpec {
     pub window: WindowSpec,
     /// Shadow mode: counted and reported, never denies.
     pub shadow: bool,
+    /// When a decision on this limit may be acknowledged.
+    pub ack: Ack,
     /// Names of limits this one replaces when both match the same request (envoyproxy/ratelimit).
     pub replaces: Vec<String>,
+}
+
+/// When a decision may be acknowledged to the caller.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Ack {
+    /// After the batch holding it is committed on a majority and applied (the default; for
+    /// tokens and money).
+    #[default]
+    Strict,
+    /// As soon as the leader has decided it on its speculative state (applied state plus
+    /// in-flight batches), before commit. A leader crash can lose at most the in-flight
+    /// window of such hits, which only ever under-counts. For plain request windows.
+    Fast,
 }
 
 /// How many hits a window admits.

@@ -199,6 +199,7 @@ impl Node {
         }
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
         let proposer = proposer::Proposer {
+            applied: applied.clone(),
             id: config.node_id,
             raft: raft.clone(),
             clock: config.clock.clone(),

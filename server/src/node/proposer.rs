@@ -5,16 +5,33 @@
 //! (pipelining: one fsync and one replication round trip serve every batch waiting). Each
 //! caller gets the outcome of its own command when its batch has been committed and applied.
 //! On a follower the batch is forwarded to the leader (one hop, never further).
+//!
+//! `fast` acknowledgement: the leader keeps a speculative engine, a copy of the applied engine
+//! to which every batch is applied as it is proposed, so it always equals the applied state
+//! plus the batches in flight. A decision whose counters all belong to `fast` limits is
+//! answered from it at once; the rest wait for commit. The copy is made when a term starts,
+//! once the log is fully applied and nothing is in flight, and dropped whenever a write fails
+//! or leadership moves. A leader crash loses at most the in-flight batches
+//! ([`MAX_INFLIGHT_BATCHES`] × `max_batch_commands` commands) of fast-acknowledged hits: the
+//! counters then hold fewer hits than were admitted, never more.
 
 use std::sync::Arc;
 
 use openraft::error::ClientWriteError;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
 use super::forward::Forwarder;
 use super::raft_types::{Batch, NodeId, Raft};
+use super::state_machine::Applied;
 use super::{BatchConfig, Clock, NodeError};
-use crate::engine::{Command, Outcome};
+use crate::engine::{Command, Engine, Outcome};
+
+/// How long a new leader waits for its log to be applied before it builds its speculative
+/// engine; past it, decisions stay strict and it tries again at the next batch.
+const SPECULATION_SYNC_WAIT: Duration = Duration::from_secs(1);
 
 /// Batches proposed and not yet answered, at most; the proposer waits beyond it.
 pub const MAX_INFLIGHT_BATCHES: usize = 32;
@@ -69,6 +86,7 @@ impl Pending {
 }
 
 pub(super) struct Proposer {
+    pub applied: Arc<parking_lot::Mutex<Applied>>,
     pub id: NodeId,
     pub raft: Raft,
     pub clock: Arc<dyn Clock>,
@@ -80,17 +98,29 @@ impl Proposer {
     /// Runs until every sender of `rx` is gone or Raft stops.
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Proposal>) {
         let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+        let broken = Arc::new(AtomicBool::new(false));
+        let mut spec: Option<Speculative> = None;
         let mut last_stamp_ms = i64::MIN;
         while let Some(first) = rx.recv().await {
             let mut batch = Pending::with_capacity(self.config.max_batch_commands);
             batch.push(first);
             fill(&mut rx, &mut batch, self.config).await;
+            let (leader, term) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_leader, m.current_term)
+            };
+            if broken.swap(false, Ordering::SeqCst) || leader != Some(self.id) {
+                spec = None;
+            }
+            if leader == Some(self.id) && spec.as_ref().is_none_or(|s| s.term != term) {
+                spec = self.speculate(term, &inflight).await;
+            }
             let permit = inflight
                 .clone()
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
-            let leader = self.raft.metrics().borrow().current_leader;
             if leader != Some(self.id) {
                 let forwarder = self.forwarder.clone();
                 let raft = self.raft.clone();
@@ -106,17 +136,25 @@ impl Proposer {
             let Pending {
                 commands, replies, ..
             } = batch;
+            let mut replies: Vec<Option<Reply>> = replies.into_iter().map(Some).collect();
+            let early = match spec.as_mut() {
+                Some(s) => answer_fast(&mut s.engine, stamp_ms, &commands, &mut replies),
+                None => Vec::new(),
+            };
             let entry = Batch { stamp_ms, commands };
             match self.raft.client_write_ff(entry).await {
                 Ok(responder) => {
+                    let broken = broken.clone();
                     tokio::spawn(async move {
-                        settle(responder.await, replies);
+                        if !settle(responder.await, replies, early) {
+                            broken.store(true, Ordering::SeqCst);
+                        }
                         drop(permit);
                     });
                 }
                 Err(fatal) => {
                     tracing::error!(error = %fatal, "raft stopped");
-                    for reply in replies {
+                    for reply in replies.into_iter().flatten() {
                         let _ = reply.send(Err(NodeError::Stopped));
                     }
                     return;
@@ -124,9 +162,65 @@ impl Proposer {
             }
         }
     }
+
+    /// Copies the applied engine once the log is applied and nothing of ours is in flight.
+    async fn speculate(&self, term: u64, inflight: &Arc<Semaphore>) -> Option<Speculative> {
+        let all = inflight
+            .acquire_many(MAX_INFLIGHT_BATCHES as u32)
+            .await
+            .expect("semaphore never closed");
+        let last_log = self.raft.metrics().borrow().last_log_index;
+        let synced = match last_log {
+            Some(index) => self
+                .raft
+                .wait(Some(SPECULATION_SYNC_WAIT))
+                .applied_index_at_least(Some(index), "speculation")
+                .await
+                .is_ok(),
+            None => true,
+        };
+        drop(all);
+        if !synced {
+            return None;
+        }
+        let bytes = self.applied.lock().engine.snapshot();
+        let engine = Engine::restore(&bytes).expect("an engine restores its own snapshot");
+        tracing::debug!(
+            term,
+            "speculative engine ready: fast limits answer before commit"
+        );
+        Some(Speculative { term, engine })
+    }
 }
 
-/// Hands every caller of a committed batch its own outcome.
+/// The leader's speculative engine for one term.
+struct Speculative {
+    term: u64,
+    engine: Engine,
+}
+
+/// Applies the batch to the speculative engine and answers every fast decision at once.
+/// Returns the early answers `(index, outcome)` so the commit can confirm them.
+fn answer_fast(
+    engine: &mut Engine,
+    stamp_ms: i64,
+    commands: &[Command],
+    replies: &mut [Option<Reply>],
+) -> Vec<(usize, Outcome)> {
+    let mut early = Vec::new();
+    for (i, outcome) in engine.apply(stamp_ms, commands).into_iter().enumerate() {
+        if matches!(&outcome, Outcome::RateLimit(d) if d.fast)
+            && let Some(reply) = replies[i].take()
+        {
+            let _ = reply.send(Ok(outcome.clone()));
+            early.push((i, outcome));
+        }
+    }
+    early
+}
+
+/// Hands every caller of a committed batch its own outcome, and checks the early answers
+/// against the committed ones. Returns false when speculation can no longer be trusted.
 fn settle<E: std::fmt::Display>(
     result: Result<
         Result<
@@ -135,31 +229,33 @@ fn settle<E: std::fmt::Display>(
         >,
         E,
     >,
-    replies: Vec<Reply>,
-) {
-    match result {
+    replies: Vec<Option<Reply>>,
+    early: Vec<(usize, Outcome)>,
+) -> bool {
+    let error = match result {
         Ok(Ok(response)) => {
             let outcomes = response.data.outcomes;
             assert_eq!(outcomes.len(), replies.len(), "one outcome per command");
+            let agree = early.iter().all(|(i, o)| outcomes[*i] == *o);
+            if !agree {
+                tracing::error!("speculative and committed outcomes differ; speculation reset");
+            }
             for (reply, outcome) in replies.into_iter().zip(outcomes) {
                 // A caller that gave up no longer listens; its command was applied all the same.
-                let _ = reply.send(Ok(outcome));
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(outcome));
+                }
             }
+            return agree;
         }
-        Ok(Err(e)) => {
-            // Leadership moved between our check and the append: the batch was not appended.
-            let error = NodeError::Unavailable(format!("leadership changed: {e}"));
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
-        Err(e) => {
-            let error = NodeError::Unavailable(format!("raft dropped the write: {e}"));
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+        // Leadership moved between our check and the append: the batch was not appended.
+        Ok(Err(e)) => NodeError::Unavailable(format!("leadership changed: {e}")),
+        Err(e) => NodeError::Unavailable(format!("raft dropped the write: {e}")),
+    };
+    for reply in replies.into_iter().flatten() {
+        let _ = reply.send(Err(error.clone()));
     }
+    false
 }
 
 /// Sends a follower's batch to the leader; commands that were forwarded to us are refused.

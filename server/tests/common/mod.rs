@@ -22,6 +22,22 @@ macro_rules! behaviour_suite {
                 }
             )*
         }
+        mod one_node_fast {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Topology::OneNodeFast).await
+                }
+            )*
+        }
+        mod three_nodes_fast {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Topology::ThreeNodesFast).await
+                }
+            )*
+        }
     };
 }
 
@@ -68,12 +84,31 @@ pub async fn start(limits_yaml: &str) -> TestServer {
     start_with(limits_yaml, |_| {}).await
 }
 
-/// How many nodes a behaviour test runs against.
+/// How many nodes a behaviour test runs against, and with which acknowledgement.
 #[derive(Clone, Copy, Debug)]
 pub enum Topology {
     OneNode,
     /// Requests go to a follower, which forwards them to the leader.
     ThreeNodes,
+    /// Every limit `ack: fast`: answered from the leader's speculative state.
+    OneNodeFast,
+    ThreeNodesFast,
+}
+
+/// Marks every limit of a native limits text `ack: fast`.
+pub fn all_fast(limits_yaml: &str) -> String {
+    limits_yaml
+        .lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            if trimmed.starts_with("capacity:") {
+                let indent = &line[..line.len() - trimmed.len()];
+                format!("{indent}ack: fast\n{line}\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect()
 }
 
 pub async fn start_with(limits_yaml: &str, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
@@ -87,10 +122,14 @@ pub async fn start_on(
 ) -> TestServer {
     let clock = Arc::new(ManualClock::new(T0_MS));
     let dir = tempfile::tempdir().unwrap();
+    let text = match topology {
+        Topology::OneNodeFast | Topology::ThreeNodesFast => all_fast(limits_yaml),
+        _ => limits_yaml.to_owned(),
+    };
     let mut config = ServerConfig {
         limits: LimitsSource::Inline {
             origin: "test limits".into(),
-            text: limits_yaml.into(),
+            text,
         },
         clock: clock.clone(),
         response: ResponseOptions::default(),
@@ -100,7 +139,7 @@ pub async fn start_on(
     };
     tweak(&mut config);
     let (server, cluster) = match topology {
-        Topology::OneNode => {
+        Topology::OneNode | Topology::OneNodeFast => {
             let server = server::spawn(config).await.expect("server starts");
             server
                 .wait_ready(Duration::from_secs(10))
@@ -108,7 +147,7 @@ pub async fn start_on(
                 .expect("ready within 10 s");
             (server, None)
         }
-        Topology::ThreeNodes => {
+        Topology::ThreeNodes | Topology::ThreeNodesFast => {
             let mut cluster = Cluster::three(config, clock.clone()).await;
             let follower = cluster.nodes[1].take().expect("node 2 runs");
             (follower, Some(cluster))
