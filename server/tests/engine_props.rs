@@ -727,6 +727,11 @@ fn pool_limit(i: usize, capacity: Option<u64>, alt: bool, shadow: bool) -> Limit
         capacity: capacity.map_or(Capacity::Unlimited, Capacity::Max),
         window,
         shadow,
+        ack: if i % 2 == 0 {
+            tally_server::engine::limits::Ack::Fast
+        } else {
+            tally_server::engine::limits::Ack::Strict
+        },
         replaces: if i == 0 { vec!["l7".into()] } else { vec![] },
     }
 }
