@@ -727,7 +727,7 @@ fn pool_limit(i: usize, capacity: Option<u64>, alt: bool, shadow: bool) -> Limit
         capacity: capacity.map_or(Capacity::Unlimited, Capacity::Max),
         window,
         shadow,
-        ack: if i % 2 == 0 {
+        ack: if i.is_multiple_of(2) {
             tally_server::engine::limits::Ack::Fast
         } else {
             tally_server::engine::limits::Ack::Strict
