@@ -216,7 +216,7 @@ async fn serve_raft(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
-        .add_service(api::raft::raft_service(node.raft().clone()))
+        .add_service(api::raft::raft_service_for(&node))
         .add_service(crate::node::forward::forward_service(node.clone()))
         .add_service(api::cluster::cluster_service(node))
         .serve_with_incoming_shutdown(incoming, stopped(stop))

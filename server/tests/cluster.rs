@@ -315,16 +315,36 @@ async fn a_torn_log_write_recovers_the_prefix_and_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_learner_added_under_load_catches_up_and_is_promoted() {
+async fn a_removed_node_never_rejoins_and_a_new_one_is_added_under_load() {
     let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
-    // Shrink to two voters (remove node 3), then add it back fresh under load.
     let mut admin = c.cluster_client(1).await;
     admin
         .remove(tally_proto::tally::v1::RemoveRequest { id: 3 })
         .await
         .unwrap();
     c.stop(3).await;
-    std::fs::remove_dir_all(c.dir.path().join("node-3")).unwrap();
+    // Its id is retired everywhere, and its old state refuses to start.
+    let refused = admin
+        .add_learner(AddLearnerRequest {
+            id: 3,
+            addr: c.raft_addrs[2].to_string(),
+        })
+        .await
+        .expect_err("a removed id is never reused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    // Back with its old state: it either refuses to start (it applied its own retirement)
+    // or the cluster refuses it (its votes and forwarded commands are turned away), so it
+    // never becomes ready.
+    c.start_node(3, false).await;
+    let outcome = c.node(3).wait_ready(Duration::from_secs(3)).await;
+    assert!(outcome.is_err(), "a removed node must not rejoin");
+    let _ = c.nodes[2].take().unwrap().stop().await;
+
+    // A new node (id 4, empty directory) joins under load, catches up and is promoted.
     let load = {
         let mut rls = c.rls(1).await;
         tokio::spawn(async move {
@@ -333,23 +353,24 @@ async fn a_learner_added_under_load_catches_up_and_is_promoted() {
             }
         })
     };
-    c.start_node(3, false).await;
+    c.start_node_as(3, 4, false).await;
     admin
         .add_learner(AddLearnerRequest {
-            id: 3,
+            id: 4,
             addr: c.raft_addrs[2].to_string(),
         })
         .await
         .unwrap();
-    admin.promote(PromoteRequest { id: 3 }).await.unwrap();
+    admin.promote(PromoteRequest { id: 4 }).await.unwrap();
     load.await.unwrap();
     let status = c.status_from(1).await;
     let member = status
         .members
         .iter()
-        .find(|m| m.id == 3)
-        .expect("node 3 is a member");
+        .find(|m| m.id == 4)
+        .expect("node 4 is a member");
     assert!(member.voter);
+    assert!(status.members.iter().all(|m| m.id != 3));
     wait_counters(&c, 3, 400).await;
 }
 

@@ -2,6 +2,10 @@
 //!
 //! Membership changes and status are the leader's business: a follower passes the call on to
 //! the leader it knows (one hop; a call that was passed on is never passed on again).
+//!
+//! A removed node's id is retired through the log (`Command::RetireNode`), so every replica
+//! refuses it from then on: it is never added again, and a node that applied its own
+//! retirement refuses to start from that data directory.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,6 +18,7 @@ use tally_proto::tally::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::engine::{Command, Outcome};
 use crate::node::Node;
 use crate::node::forward::Forwarder;
 use crate::node::raft_types::NodeId;
@@ -72,6 +77,16 @@ fn status_of(node: &Node) -> ClusterStatus {
     }
 }
 
+/// Refuses an id that left the cluster.
+async fn refuse_retired(node: &Node, id: NodeId) -> Result<(), Status> {
+    if node.read(|e| e.is_retired(id)).await? {
+        return Err(Status::failed_precondition(format!(
+            "node id {id} was removed from this cluster and is never reused; give the node a new id and an empty data directory"
+        )));
+    }
+    Ok(())
+}
+
 fn raft_error(e: impl std::fmt::Display) -> Status {
     Status::failed_precondition(e.to_string())
 }
@@ -122,6 +137,9 @@ impl cluster_server::Cluster for ClusterService {
         if members.is_empty() {
             members.insert(self.node.id(), BasicNode::new(self.node.advertise_addr()));
         }
+        for id in members.keys() {
+            refuse_retired(&self.node, *id).await?;
+        }
         raft.initialize(members).await.map_err(raft_error)?;
         Ok(Response::new(status_of(&self.node)))
     }
@@ -151,6 +169,7 @@ impl cluster_server::Cluster for ClusterService {
         if r.addr.is_empty() {
             return Err(Status::invalid_argument("addr: must not be empty"));
         }
+        refuse_retired(&self.node, r.id).await?;
         // Blocking: answers once the learner has caught up with the log.
         self.node
             .raft()
@@ -169,6 +188,7 @@ impl cluster_server::Cluster for ClusterService {
             return c.promote(passed_on(request.into_inner())).await;
         }
         let id = request.into_inner().id;
+        refuse_retired(&self.node, id).await?;
         self.node
             .raft()
             .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
@@ -186,6 +206,16 @@ impl cluster_server::Cluster for ClusterService {
             return c.remove(passed_on(request.into_inner())).await;
         }
         let id = request.into_inner().id;
+        // Retired first, while the node still receives the log: it applies its own
+        // retirement and will refuse to start from that state again.
+        match self
+            .node
+            .propose(Command::RetireNode { node_id: id })
+            .await?
+        {
+            Outcome::NodeRetired { .. } => {}
+            other => return Err(crate::api::status::unexpected(&other)),
+        }
         let raft = self.node.raft();
         let is_voter = status_of(&self.node)
             .members

@@ -19,7 +19,7 @@ pub mod http;
 mod kuadrant;
 pub mod raft;
 mod rls;
-mod status;
+pub(crate) mod status;
 
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;

@@ -12,18 +12,44 @@ use tally_proto::tally::v1::RaftPayload;
 use tally_proto::tally::v1::raft_server::{Raft as RaftRpc, RaftServer};
 use tonic::{Request, Response, Status};
 
+use crate::node::Node;
 use crate::node::network::MAX_RAFT_MESSAGE_BYTES;
 use crate::node::raft_types::Raft;
 
 /// Serves this node's Raft to its peers.
 pub struct RaftService {
     raft: Raft,
+    /// When set, RPCs from node ids this node's state says were removed are refused, so a
+    /// removed node that comes back with its old state cannot rejoin or disrupt elections.
+    node: Option<Node>,
 }
 
 impl RaftService {
     pub fn new(raft: Raft) -> RaftService {
-        RaftService { raft }
+        RaftService { raft, node: None }
     }
+
+    async fn refuse_retired(&self, vote: &openraft::Vote<u64>) -> Result<(), Status> {
+        let (Some(node), Some(sender)) = (&self.node, vote.leader_id().voted_for()) else {
+            return Ok(());
+        };
+        if node.read(|e| e.is_retired(sender)).await.unwrap_or(false) {
+            return Err(Status::permission_denied(format!(
+                "node {sender} was removed from this cluster"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// [`raft_service`] for a running node: also refuses removed nodes.
+pub fn raft_service_for(node: &Node) -> RaftServer<RaftService> {
+    RaftServer::new(RaftService {
+        raft: node.raft().clone(),
+        node: Some(node.clone()),
+    })
+    .max_decoding_message_size(MAX_RAFT_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_RAFT_MESSAGE_BYTES)
 }
 
 /// The Raft service, with its messages bounded by [`MAX_RAFT_MESSAGE_BYTES`] both ways, ready
@@ -57,12 +83,15 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, "AppendEntriesRequest")?;
+        let rpc: openraft::raft::AppendEntriesRequest<crate::node::raft_types::TypeConfig> =
+            decode(request, "AppendEntriesRequest")?;
+        self.refuse_retired(&rpc.vote).await?;
         encode(&self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, "VoteRequest")?;
+        let rpc: openraft::raft::VoteRequest<u64> = decode(request, "VoteRequest")?;
+        self.refuse_retired(&rpc.vote).await?;
         encode(&self.raft.vote(rpc).await)
     }
 
@@ -70,7 +99,9 @@ impl RaftRpc for RaftService {
         &self,
         request: Request<RaftPayload>,
     ) -> Result<Response<RaftPayload>, Status> {
-        let rpc = decode(request, "InstallSnapshotRequest")?;
+        let rpc: openraft::raft::InstallSnapshotRequest<crate::node::raft_types::TypeConfig> =
+            decode(request, "InstallSnapshotRequest")?;
+        self.refuse_retired(&rpc.vote).await?;
         encode(&self.raft.install_snapshot(rpc).await)
     }
 }

@@ -27,6 +27,8 @@ pub enum Command {
     /// Replace the whole limit set. Counters of limits whose identity (domain, scope, window)
     /// is unchanged are kept; the others are reclaimed.
     ReplaceLimits(LimitSet),
+    /// Record that a node left the cluster: its id is never accepted again.
+    RetireNode { node_id: u64 },
 }
 
 /// A rate-limit request, in domain terms.
@@ -114,6 +116,9 @@ pub struct Decision {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
     RateLimit(Decision),
+    NodeRetired {
+        node_id: u64,
+    },
     LimitsReplaced {
         limits: u64,
         /// Limits whose counters carried over from the previous set.
@@ -164,6 +169,7 @@ impl Command {
             Command::ReplaceLimits(set) => {
                 postcard::to_allocvec(set).map_or(usize::MAX, |v| v.len())
             }
+            Command::RetireNode { .. } => 16,
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Engine {
     empty_name: Arc<str>,
     applied_commands: u64,
     applied_batches: u64,
+    /// Node ids that left the cluster; replicated so that no replica ever accepts one again.
+    retired_nodes: std::collections::BTreeSet<u64>,
 }
 
 impl Engine {
@@ -94,6 +96,7 @@ impl Engine {
             empty_name: Arc::from(""),
             applied_commands: 0,
             applied_batches: 0,
+            retired_nodes: std::collections::BTreeSet::new(),
         }
     }
 
@@ -127,6 +130,10 @@ impl Engine {
                 now_ms,
             )
             .map(Outcome::RateLimit),
+            Command::RetireNode { node_id } => {
+                self.retired_nodes.insert(*node_id);
+                Ok(Outcome::NodeRetired { node_id: *node_id })
+            }
             Command::ReplaceLimits(set) => {
                 self.registry
                     .replace(set)
@@ -146,6 +153,11 @@ impl Engine {
             .order
             .iter()
             .map(|id| &self.registry.limits[id].spec)
+    }
+
+    /// True when `node_id` left the cluster and must never be accepted again.
+    pub fn is_retired(&self, node_id: u64) -> bool {
+        self.retired_nodes.contains(&node_id)
     }
 
     pub fn settings(&self) -> EngineSettings {

@@ -26,6 +26,7 @@ struct Body {
     limits: Vec<(u32, LimitSpec)>,
     counters: Vec<(Vec<u8>, CounterState)>,
     cursor: u64,
+    retired_nodes: Vec<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,7 @@ impl Engine {
                 .collect(),
             counters,
             cursor: self.counters.cursor() as u64,
+            retired_nodes: self.retired_nodes.iter().copied().collect(),
         };
         let mut out = MAGIC.to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
@@ -81,6 +83,7 @@ impl Engine {
         registry.generation = body.generation;
         let mut engine = Engine::new(body.settings);
         engine.last_ms = body.last_ms;
+        engine.retired_nodes = body.retired_nodes.into_iter().collect();
         engine.registry = registry;
         engine.counters = Counters::default();
         for (key, state) in body.counters {

@@ -26,9 +26,18 @@ pub const MAX_FORWARD_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone, Default)]
 pub struct Forwarder {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// This node's id, sent with every forwarded batch.
+    from_node: u64,
 }
 
 impl Forwarder {
+    pub fn new(from_node: u64) -> Forwarder {
+        Forwarder {
+            from_node,
+            ..Forwarder::default()
+        }
+    }
+
     /// The persistent channel to `addr`, created on first use.
     pub(crate) fn channel(&self, addr: &str) -> Result<Channel, NodeError> {
         let mut channels = self.channels.lock();
@@ -57,7 +66,10 @@ impl Forwarder {
             .max_decoding_message_size(MAX_FORWARD_BYTES)
             .max_encoding_message_size(MAX_FORWARD_BYTES);
         let response = client
-            .propose(ForwardRequest { commands: bytes })
+            .propose(ForwardRequest {
+                commands: bytes,
+                from_node: self.from_node,
+            })
             .await
             .map_err(|s| {
                 NodeError::Unavailable(format!("forward to leader {addr}: {}", s.message()))
@@ -84,7 +96,14 @@ impl forward_server::Forward for ForwardService {
         &self,
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
-        let commands: Vec<Command> = postcard::from_bytes(&request.into_inner().commands)
+        let request = request.into_inner();
+        let from = request.from_node;
+        if self.node.read(|e| e.is_retired(from)).await? {
+            return Err(Status::permission_denied(format!(
+                "node {from} was removed from this cluster"
+            )));
+        }
+        let commands: Vec<Command> = postcard::from_bytes(&request.commands)
             .map_err(|e| Status::invalid_argument(format!("commands do not decode: {e}")))?;
         // Spawned so they join the leader's batches together, awaited in order.
         let waits: Vec<_> = commands

@@ -131,6 +131,10 @@ pub enum NodeStartError {
         path: PathBuf,
         error: std::io::Error,
     },
+    #[error(
+        "node {0} was removed from its cluster and does not rejoin with its old state; start it with a new id and an empty data directory"
+    )]
+    Retired(NodeId),
     #[error("data directory {path} belongs to node {found}, not node {wanted}")]
     WrongNode {
         path: PathBuf,
@@ -161,6 +165,9 @@ impl Node {
         let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
         let sm = state_machine::StateMachine::open(&config.data_dir.join("state"), config.engine)?;
         let applied = sm.applied().clone();
+        if applied.lock().engine.is_retired(config.node_id) {
+            return Err(NodeStartError::Retired(config.node_id));
+        }
         let t = config.timings;
         let raft_config = openraft::Config {
             cluster_name: "tally".into(),
@@ -204,7 +211,7 @@ impl Node {
             raft: raft.clone(),
             clock: config.clock.clone(),
             config: config.batch,
-            forwarder: forward::Forwarder::default(),
+            forwarder: forward::Forwarder::new(config.node_id),
         };
         tokio::spawn(proposer.run(rx));
         Ok(Node {

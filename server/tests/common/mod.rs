@@ -267,14 +267,19 @@ pub struct Cluster {
 impl Cluster {
     /// Node `i` (1-based) serving on its fixed Raft address.
     pub async fn start_node(&mut self, i: usize, bootstrap: bool) {
+        self.start_node_as(i, i as u64, bootstrap).await
+    }
+
+    /// Slot `i`'s addresses, serving node `node_id` from its own data directory.
+    pub async fn start_node_as(&mut self, i: usize, node_id: u64, bootstrap: bool) {
         let listeners = Listeners {
             grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             raft: TcpListener::bind(self.raft_addrs[i - 1]).await.unwrap(),
         };
         let config = ServerConfig {
-            node_id: i as u64,
-            data_dir: self.dir.path().join(format!("node-{i}")),
+            node_id,
+            data_dir: self.dir.path().join(format!("node-{node_id}")),
             bootstrap,
             ..self.base.clone()
         };
