@@ -72,5 +72,14 @@ async fn the_readme_walkthrough_works_against_the_embedded_example() {
     .unwrap();
     assert_eq!(code, 2, "{stdout}");
     assert!(stderr.contains("invalid domain"), "{stderr}");
+    // Cluster operations go to the Raft address.
+    let raft = format!("http://{}", running.raft_addr);
+    let (code, stdout, stderr) =
+        tokio::task::spawn_blocking(move || tally(&raft, &["cluster", "status"]))
+            .await
+            .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("leader: 1 ("), "{stdout}");
+    assert!(stdout.contains("voter"), "{stdout}");
     running.stop().await.unwrap();
 }
