@@ -171,6 +171,7 @@ async fn run_with(
     let raft_task = tokio::spawn(serve_raft(listeners.raft, node.clone(), stop_rx.clone()));
     tokio::spawn(put_limits_in_force(
         node.clone(),
+        config.engine,
         initial,
         readiness.clone(),
         stop_rx.clone(),
@@ -224,16 +225,28 @@ async fn serve_raft(
     Ok(())
 }
 
-/// Proposes the limits loaded at start, retrying while there is no leader, then marks the
-/// node ready. In a cluster every replica switches limits at the same log index.
+/// Proposes this node's engine settings and the limits loaded at start, retrying while there
+/// is no leader, then marks the node ready. In a cluster every replica switches at the same
+/// log index (the last node to start sets them: give every node the same flags and file).
 async fn put_limits_in_force(
     node: Node,
+    settings: EngineSettings,
     set: LimitSet,
     readiness: Readiness,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        match replace_limits(&node, set.clone()).await {
+        let configured = match node.propose(Command::Configure(settings)).await {
+            Ok(Outcome::Configured) => Ok(()),
+            Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
+            Ok(other) => panic!("Configure answered with {other:?}"),
+            Err(e) => Err(ServerError::NotInForce(e)),
+        };
+        let result = match configured {
+            Ok(()) => replace_limits(&node, set.clone()).await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok((limits, kept)) => {
                 tracing::info!(limits, kept, "limits in force");
                 readiness.set_ready();

@@ -29,6 +29,8 @@ pub enum Command {
     ReplaceLimits(LimitSet),
     /// Record that a node left the cluster: its id is never accepted again.
     RetireNode { node_id: u64 },
+    /// Set the settings that change decisions, the same on every replica.
+    Configure(super::EngineSettings),
 }
 
 /// A rate-limit request, in domain terms.
@@ -119,6 +121,7 @@ pub enum Outcome {
     NodeRetired {
         node_id: u64,
     },
+    Configured,
     LimitsReplaced {
         limits: u64,
         /// Limits whose counters carried over from the previous set.
@@ -169,7 +172,7 @@ impl Command {
             Command::ReplaceLimits(set) => {
                 postcard::to_allocvec(set).map_or(usize::MAX, |v| v.len())
             }
-            Command::RetireNode { .. } => 16,
+            Command::RetireNode { .. } | Command::Configure(_) => 16,
         }
     }
 }

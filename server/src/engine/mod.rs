@@ -40,8 +40,8 @@ pub use snapshot::SnapshotError;
 use counters::{Counters, SWEEP_PER_BATCH, SWEEP_PER_COMMAND};
 use registry::Registry;
 
-/// Settings that change decisions, so every replica must hold the same ones: they travel in
-/// snapshots.
+/// Settings that change decisions, so every replica must hold the same ones: they are set by
+/// a replicated [`Command::Configure`] and travel in snapshots.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct EngineSettings {
     /// Most counters held at once; a request that would create more is refused.
@@ -133,6 +133,14 @@ impl Engine {
             Command::RetireNode { node_id } => {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired { node_id: *node_id })
+            }
+            Command::Configure(settings) => {
+                if settings.max_counters == 0 {
+                    Err(CommandError::invalid("max_counters", "must be at least 1"))
+                } else {
+                    self.settings = *settings;
+                    Ok(Outcome::Configured)
+                }
             }
             Command::ReplaceLimits(set) => {
                 self.registry
