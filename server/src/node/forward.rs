@@ -22,6 +22,31 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest forwarded batch, encoded.
 pub const MAX_FORWARD_BYTES: usize = 64 * 1024 * 1024;
 
+/// How a follower's commands reach the leader: gRPC in production ([`Forwarder`]), an
+/// in-memory route in the simulator.
+pub trait ForwardTransport: Send + Sync + 'static {
+    /// Proposes `commands` on the leader at `addr`; one outcome per command, in order.
+    fn propose<'a>(
+        &'a self,
+        addr: &'a str,
+        commands: Vec<Command>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<Outcome>, NodeError>> + Send + 'a>,
+    >;
+}
+
+impl ForwardTransport for Forwarder {
+    fn propose<'a>(
+        &'a self,
+        addr: &'a str,
+        commands: Vec<Command>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Vec<Outcome>, NodeError>> + Send + 'a>,
+    > {
+        Box::pin(Forwarder::propose(self, addr, commands))
+    }
+}
+
 /// Client side: one lazily connected channel per leader address, reused.
 #[derive(Clone, Default)]
 pub struct Forwarder {

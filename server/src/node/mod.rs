@@ -154,43 +154,43 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the data directory, starts Raft and the proposer.
+    /// Opens the data directory, starts Raft and the proposer, talking to peers over gRPC.
     #[allow(clippy::result_large_err)]
     pub async fn start(config: NodeConfig) -> Result<Node, NodeStartError> {
+        claim_data_dir(&config)?;
+        let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
+        let network = network::Network::new(config.node_id);
+        let forward = Arc::new(forward::Forwarder::new(config.node_id));
+        Node::start_with(config, log, network, forward).await
+    }
+
+    /// Starts a node on the given log store, Raft network and forwarding transport (the
+    /// simulator gives in-memory ones). The state machine lives in `data_dir/state`.
+    #[allow(clippy::result_large_err)]
+    pub async fn start_with<L, N>(
+        config: NodeConfig,
+        log: L,
+        network: N,
+        forward: Arc<dyn forward::ForwardTransport>,
+    ) -> Result<Node, NodeStartError>
+    where
+        L: openraft::storage::RaftLogStorage<raft_types::TypeConfig>,
+        N: openraft::RaftNetworkFactory<raft_types::TypeConfig>,
+    {
         assert!(
             (1..=MAX_BATCH_COMMANDS).contains(&config.batch.max_batch_commands),
             "max_batch_commands out of range"
         );
         claim_data_dir(&config)?;
-        let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
         let sm = state_machine::StateMachine::open(&config.data_dir.join("state"), config.engine)?;
         let applied = sm.applied().clone();
         if applied.lock().engine.is_retired(config.node_id) {
             return Err(NodeStartError::Retired(config.node_id));
         }
-        let t = config.timings;
-        let raft_config = openraft::Config {
-            cluster_name: "tally".into(),
-            heartbeat_interval: t.heartbeat_ms,
-            election_timeout_min: t.election_min_ms,
-            election_timeout_max: t.election_max_ms,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
-            max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,
-            snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
-            // Per chunk: generous for a loaded node or a slow link.
-            install_snapshot_timeout: 2_000,
-            ..openraft::Config::default()
-        }
-        .validate()?;
-        let raft = Raft::new(
-            config.node_id,
-            Arc::new(raft_config),
-            network::Network::new(config.node_id),
-            log,
-            sm,
-        )
-        .await
-        .map_err(|e| NodeStartError::Raft(e.to_string()))?;
+        let raft_config = raft_config(&config.timings).validate()?;
+        let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| NodeStartError::Raft(e.to_string()))?;
         let initialized = raft
             .is_initialized()
             .await
@@ -211,7 +211,7 @@ impl Node {
             raft: raft.clone(),
             clock: config.clock.clone(),
             config: config.batch,
-            forwarder: forward::Forwarder::new(config.node_id),
+            forwarder: forward,
         };
         tokio::spawn(proposer.run(rx));
         Ok(Node {
@@ -287,6 +287,22 @@ impl Node {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
+    }
+}
+
+/// openraft's configuration for these timings.
+fn raft_config(t: &RaftTimings) -> openraft::Config {
+    openraft::Config {
+        cluster_name: "tally".into(),
+        heartbeat_interval: t.heartbeat_ms,
+        election_timeout_min: t.election_min_ms,
+        election_timeout_max: t.election_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(t.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: t.logs_kept_behind_snapshot,
+        snapshot_max_chunk_size: network::SNAPSHOT_CHUNK_BYTES,
+        // Per chunk: generous for a loaded node or a slow link.
+        install_snapshot_timeout: 2_000,
+        ..openraft::Config::default()
     }
 }
 

@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use super::forward::Forwarder;
+use super::forward::ForwardTransport;
 use super::raft_types::{Batch, NodeId, Raft};
 use super::state_machine::Applied;
 use super::{BatchConfig, Clock, NodeError};
@@ -91,7 +91,7 @@ pub(super) struct Proposer {
     pub raft: Raft,
     pub clock: Arc<dyn Clock>,
     pub config: BatchConfig,
-    pub forwarder: Forwarder,
+    pub forwarder: Arc<dyn ForwardTransport>,
 }
 
 impl Proposer {
@@ -259,7 +259,12 @@ fn settle<E: std::fmt::Display>(
 }
 
 /// Sends a follower's batch to the leader; commands that were forwarded to us are refused.
-async fn forward(raft: &Raft, forwarder: &Forwarder, leader: Option<NodeId>, batch: Pending) {
+async fn forward(
+    raft: &Raft,
+    forwarder: &Arc<dyn ForwardTransport>,
+    leader: Option<NodeId>,
+    batch: Pending,
+) {
     let Some(leader) = leader else {
         batch.fail(NodeError::NoLeader);
         return;
