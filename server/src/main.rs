@@ -105,7 +105,7 @@ struct Args {
     log_format: LogFormat,
 
     /// Log filter (tracing-subscriber syntax, e.g. `info` or `tally_server=debug`).
-    #[arg(long, env = "TALLY_LOG", default_value = "info")]
+    #[arg(long, env = "TALLY_LOG", default_value = "info,openraft=warn")]
     log: String,
 }
 
