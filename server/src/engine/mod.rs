@@ -163,6 +163,11 @@ impl Engine {
             .map(|id| &self.registry.limits[id].spec)
     }
 
+    /// True when some limit in force is acknowledged `fast`.
+    pub fn has_fast_limits(&self) -> bool {
+        self.registry.has_fast
+    }
+
     /// True when `node_id` left the cluster and must never be accepted again.
     pub fn is_retired(&self, node_id: u64) -> bool {
         self.retired_nodes.contains(&node_id)

@@ -56,6 +56,8 @@ pub struct Registry {
     pub next_id: u32,
     /// Bumped every time a limit set is applied.
     pub generation: u64,
+    /// Some limit in force is acknowledged `fast`.
+    pub has_fast: bool,
 }
 
 /// The bytes that identify a limit across limit-set changes.
@@ -149,6 +151,10 @@ impl Registry {
         }
         self.next_id = next_id;
         self.generation += 1;
+        self.has_fast = self
+            .limits
+            .values()
+            .any(|l| l.spec.ack == super::limits::Ack::Fast);
     }
 }
 

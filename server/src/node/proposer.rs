@@ -32,6 +32,8 @@ use crate::engine::{Command, Engine, Outcome};
 /// How long a new leader waits for its log to be applied before it builds its speculative
 /// engine; past it, decisions stay strict and it tries again at the next batch.
 const SPECULATION_SYNC_WAIT: Duration = Duration::from_secs(1);
+/// How long after a failed attempt the proposer tries speculation again.
+const SPECULATION_RETRY: Duration = Duration::from_secs(1);
 
 /// Batches proposed and not yet answered, at most; the proposer waits beyond it.
 pub const MAX_INFLIGHT_BATCHES: usize = 32;
@@ -100,6 +102,8 @@ impl Proposer {
         let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
         let broken = Arc::new(AtomicBool::new(false));
         let mut spec: Option<Speculative> = None;
+        // When the next attempt to build a speculative engine may be made.
+        let mut next_attempt = tokio::time::Instant::now();
         let mut last_stamp_ms = i64::MIN;
         while let Some(first) = rx.recv().await {
             let mut batch = Pending::with_capacity(self.config.max_batch_commands);
@@ -113,8 +117,18 @@ impl Proposer {
             if broken.swap(false, Ordering::SeqCst) || leader != Some(self.id) {
                 spec = None;
             }
-            if leader == Some(self.id) && spec.as_ref().is_none_or(|s| s.term != term) {
-                spec = self.speculate(term, &inflight).await;
+            let stale = spec.as_ref().is_none_or(|s| s.term != term);
+            if leader == Some(self.id) && stale && tokio::time::Instant::now() >= next_attempt {
+                // Only worth a copy of the engine (and a drained pipeline) when some limit is
+                // fast; a failed attempt is not retried for a while, so a lagging apply cannot
+                // stall every batch.
+                spec = None;
+                if self.applied.lock().engine.has_fast_limits() {
+                    spec = self.speculate(term, &inflight).await;
+                    if spec.is_none() {
+                        next_attempt = tokio::time::Instant::now() + SPECULATION_RETRY;
+                    }
+                }
             }
             let permit = inflight
                 .clone()
