@@ -44,7 +44,10 @@ mod tests {
             let v = rng.below(5);
             seen[v as usize] += 1;
         }
-        assert!(seen.iter().all(|&c| (1_700..2_300).contains(&c)), "{seen:?}");
+        assert!(
+            seen.iter().all(|&c| (1_700..2_300).contains(&c)),
+            "{seen:?}"
+        );
         assert_eq!(Rng::new(3).below(1), 0);
     }
 

@@ -46,7 +46,10 @@ impl Zipf {
     /// `n ≥ 1`, `s > 0` and finite.
     pub fn new(n: u64, s: f64) -> Self {
         assert!(n >= 1, "zipf needs at least one element");
-        assert!(s.is_finite() && s > 0.0, "zipf exponent must be > 0, got {s}");
+        assert!(
+            s.is_finite() && s > 0.0,
+            "zipf exponent must be > 0, got {s}"
+        );
         let mut z = Zipf {
             n: n as f64,
             s,
