@@ -10,7 +10,9 @@ use clap::{Parser, ValueEnum};
 use tally_server::api::ResponseOptions;
 use tally_server::config::Format;
 use tally_server::engine::EngineSettings;
-use tally_server::node::{BatchConfig, MAX_BATCH_COMMANDS, RaftTimings, SystemClock};
+use tally_server::node::{
+    BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
+};
 use tally_server::server::{self, LimitsSource, ServerConfig};
 
 /// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
@@ -94,6 +96,13 @@ struct Args {
     #[arg(long, env = "TALLY_BATCH_LINGER_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     batch_linger_us: u64,
+
+    /// Batches in flight (proposed, not yet committed) at most. Commands arriving while the
+    /// pipeline is full form the next, larger batch, so one fsync and one replication round
+    /// trip serve them all.
+    #[arg(long, env = "TALLY_BATCH_MAX_INFLIGHT", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_INFLIGHT_BATCHES as u64))]
+    batch_max_inflight: u64,
 
     /// Most open gRPC connections; further connections wait to be accepted.
     #[arg(long, env = "TALLY_MAX_CONNECTIONS", default_value_t = server::DEFAULT_MAX_CONNECTIONS as u64,
@@ -195,6 +204,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         batch: BatchConfig {
             max_batch_commands: args.batch_max_commands as usize,
             batch_linger: Duration::from_micros(args.batch_linger_us),
+            max_inflight_batches: args.batch_max_inflight as usize,
         },
         max_connections: args.max_connections as usize,
         clock: Arc::new(SystemClock),

@@ -375,8 +375,9 @@ async fn a_removed_node_never_rejoins_and_a_new_one_is_added_under_load() {
 }
 
 /// `fast` limits are answered from the leader's speculative state before commit; `strict`
-/// ones only after. A leader cut off from its followers shows the difference: it keeps
-/// answering fast requests (up to its in-flight window) while strict ones get UNAVAILABLE.
+/// ones only after. A leader cut off from its followers shows the difference: it answers fast
+/// requests until its in-flight window (the documented loss bound) is full, while strict ones
+/// get UNAVAILABLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_limits_answer_before_commit_and_strict_ones_wait() {
     let mixed = r#"
@@ -395,13 +396,15 @@ domains:
         capacity: 100
         window: 1h
 "#;
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         limits: LimitsSource::Inline {
             origin: "mixed".into(),
             text: mixed.into(),
         },
         ..base()
     };
+    // A window of four uncommitted batches: the bound on what fast acks can lose.
+    config.batch.max_inflight_batches = 4;
     let mut c = Cluster::three(config, Arc::new(ManualClock::new(T0_MS))).await;
     let leader = c.leader(None).await as usize;
     // Give the new term's speculative engine a committed batch to start from.
@@ -430,6 +433,15 @@ domains:
             .expect("fast limits answer without quorum");
         assert_eq!(code(&answer.into_inner()), expected);
     }
+    // The in-flight window is full: even a fast request now waits for a commit.
+    let mut r = tonic::Request::new(req(
+        "test",
+        vec![desc(&[("kind", "fast"), ("user", "g")])],
+        0,
+    ));
+    deadline(&mut r);
+    let status = rls.should_rate_limit(r).await.expect_err("window full");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     // Strict: no commit, no answer within the deadline.
     let mut r = tonic::Request::new(req(
         "test",

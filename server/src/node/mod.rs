@@ -32,6 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::{Command, Engine, EngineSettings, Outcome};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use proposer::MAX_INFLIGHT_BATCHES;
 use raft_types::{NodeId, Raft};
 
 /// Commands waiting for a batch at most; proposers wait (backpressure) beyond it.
@@ -47,6 +48,9 @@ pub struct BatchConfig {
     /// How long a batch waits for more commands after its first. Zero: take what is queued
     /// and go (commands that arrive while earlier batches are in flight form the next one).
     pub batch_linger: Duration,
+    /// Batches proposed and not yet committed, at most (1..=[`proposer::MAX_INFLIGHT_BATCHES`]).
+    /// Commands arriving while the pipeline is full wait and form the next, larger batch.
+    pub max_inflight_batches: usize,
 }
 
 impl Default for BatchConfig {
@@ -54,6 +58,9 @@ impl Default for BatchConfig {
         BatchConfig {
             max_batch_commands: 512,
             batch_linger: Duration::ZERO,
+            // Measured: one batch in flight lets every command that arrives meanwhile share the
+            // next commit; more, smaller batches each wait for their own fsync.
+            max_inflight_batches: 1,
         }
     }
 }
@@ -180,6 +187,10 @@ impl Node {
         assert!(
             (1..=MAX_BATCH_COMMANDS).contains(&config.batch.max_batch_commands),
             "max_batch_commands out of range"
+        );
+        assert!(
+            (1..=MAX_INFLIGHT_BATCHES).contains(&config.batch.max_inflight_batches),
+            "max_inflight_batches out of range"
         );
         claim_data_dir(&config)?;
         let sm = state_machine::StateMachine::open(&config.data_dir.join("state"), config.engine)?;

@@ -1,8 +1,10 @@
 //! The proposer: forms batches from concurrent commands and puts them in the Raft log.
 //!
 //! On the leader a batch is stamped with `max(last_stamp, now)` and handed to openraft with
-//! `client_write_ff`, in order; up to [`MAX_INFLIGHT_BATCHES`] batches are in flight at once
-//! (pipelining: one fsync and one replication round trip serve every batch waiting). Each
+//! `client_write_ff`, in order; up to `max_inflight_batches` batches are in flight at once
+//! (default 1: commands arriving while a batch commits form the next one, so one fsync and one
+//! replication round trip serve them all — measured far better than pipelining small batches,
+//! whose commits each wait for their own fsync). Each
 //! caller gets the outcome of its own command when its batch has been committed and applied.
 //! On a follower the batch is forwarded to the leader (one hop, never further).
 //!
@@ -12,7 +14,7 @@
 //! answered from it at once; the rest wait for commit. The copy is made when a term starts,
 //! once the log is fully applied and nothing is in flight, and dropped whenever a write fails
 //! or leadership moves. A leader crash loses at most the in-flight batches
-//! ([`MAX_INFLIGHT_BATCHES`] × `max_batch_commands` commands) of fast-acknowledged hits: the
+//! (`max_inflight_batches` × `max_batch_commands` commands) of fast-acknowledged hits: the
 //! counters then hold fewer hits than were admitted, never more.
 
 use std::sync::Arc;
@@ -35,7 +37,7 @@ const SPECULATION_SYNC_WAIT: Duration = Duration::from_secs(1);
 /// How long after a failed attempt the proposer tries speculation again.
 const SPECULATION_RETRY: Duration = Duration::from_secs(1);
 
-/// Batches proposed and not yet answered, at most; the proposer waits beyond it.
+/// Upper bound of `--batch-max-inflight`: batches proposed and not yet answered.
 pub const MAX_INFLIGHT_BATCHES: usize = 32;
 /// A batch stops taking commands once it holds about this many bytes, far below the Raft
 /// message bound ([`super::network::MAX_RAFT_MESSAGE_BYTES`]); one larger command still goes
@@ -99,7 +101,8 @@ pub(super) struct Proposer {
 impl Proposer {
     /// Runs until every sender of `rx` is gone or Raft stops.
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Proposal>) {
-        let inflight = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
+        let window = self.config.max_inflight_batches;
+        let inflight = Arc::new(Semaphore::new(window));
         let broken = Arc::new(AtomicBool::new(false));
         let mut spec: Option<Speculative> = None;
         // When the next attempt to build a speculative engine may be made.
@@ -124,7 +127,7 @@ impl Proposer {
                 // stall every batch.
                 spec = None;
                 if self.applied.lock().engine.has_fast_limits() {
-                    spec = self.speculate(term, &inflight).await;
+                    spec = self.speculate(term, &inflight, window).await;
                     if spec.is_none() {
                         next_attempt = tokio::time::Instant::now() + SPECULATION_RETRY;
                     }
@@ -178,9 +181,14 @@ impl Proposer {
     }
 
     /// Copies the applied engine once the log is applied and nothing of ours is in flight.
-    async fn speculate(&self, term: u64, inflight: &Arc<Semaphore>) -> Option<Speculative> {
+    async fn speculate(
+        &self,
+        term: u64,
+        inflight: &Arc<Semaphore>,
+        window: usize,
+    ) -> Option<Speculative> {
         let all = inflight
-            .acquire_many(MAX_INFLIGHT_BATCHES as u32)
+            .acquire_many(window as u32)
             .await
             .expect("semaphore never closed");
         let last_log = self.raft.metrics().borrow().last_log_index;
