@@ -34,6 +34,9 @@ use crate::engine::{Command, Engine, Outcome};
 /// How long a new leader waits for its log to be applied before it builds its speculative
 /// engine; past it, decisions stay strict and it tries again at the next batch.
 const SPECULATION_SYNC_WAIT: Duration = Duration::from_secs(1);
+/// Longest wait for a proposed batch to be committed and applied before its callers are told
+/// UNAVAILABLE (fate unknown) and its in-flight permit is released.
+const COMMIT_WAIT_MAX: Duration = Duration::from_secs(5);
 /// How long after a failed attempt the proposer tries speculation again.
 const SPECULATION_RETRY: Duration = Duration::from_secs(1);
 
@@ -71,7 +74,12 @@ impl Pending {
         }
     }
 
+    /// Adds a proposal, unless its caller has already given up (its deadline passed while it
+    /// was queued): such a command is dropped unapplied rather than proposed as dead work.
     fn push(&mut self, p: Proposal) {
+        if p.reply.is_closed() {
+            return;
+        }
         self.bytes = self.bytes.saturating_add(p.command.estimated_bytes());
         self.commands.push(p.command);
         self.forwardable.push(p.forwardable);
@@ -80,6 +88,10 @@ impl Pending {
 
     fn len(&self) -> usize {
         self.commands.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.commands.is_empty()
     }
 
     fn fail(self, error: NodeError) {
@@ -112,14 +124,11 @@ impl Proposer {
             let mut batch = Pending::with_capacity(self.config.max_batch_commands);
             batch.push(first);
             fill(&mut rx, &mut batch, self.config).await;
-            let (leader, term) = {
-                let m = self.raft.metrics();
-                let m = m.borrow();
-                (m.current_leader, m.current_term)
-            };
-            if broken.swap(false, Ordering::SeqCst) || leader != Some(self.id) {
-                spec = None;
+            if batch.is_empty() {
+                // Every caller gave up while queued: nothing to propose.
+                continue;
             }
+            let (leader, term) = self.leadership();
             let stale = spec.as_ref().is_none_or(|s| s.term != term);
             if leader == Some(self.id) && stale && tokio::time::Instant::now() >= next_attempt {
                 // Only worth a copy of the engine (and a drained pipeline) when some limit is
@@ -138,6 +147,15 @@ impl Proposer {
                 .acquire_owned()
                 .await
                 .expect("semaphore never closed");
+            // Decided only now that this batch holds its permit: a batch in flight that failed
+            // while we waited must reset speculation before this one is answered from it.
+            let (leader, term) = self.leadership();
+            if broken.swap(false, Ordering::SeqCst)
+                || leader != Some(self.id)
+                || spec.as_ref().is_some_and(|s| s.term != term)
+            {
+                spec = None;
+            }
             if leader != Some(self.id) {
                 let forwarder = self.forwarder.clone();
                 let raft = self.raft.clone();
@@ -163,7 +181,22 @@ impl Proposer {
                 Ok(responder) => {
                     let broken = broken.clone();
                     tokio::spawn(async move {
-                        if !settle(responder.await, replies, early) {
+                        // openraft 0.9 can leave a deposed leader's responders unresolved:
+                        // bounded, so a lost batch never holds its permit (and the proposer)
+                        // for ever. Its fate is then unknown to its callers.
+                        let ok = match tokio::time::timeout(COMMIT_WAIT_MAX, responder).await {
+                            Ok(result) => settle(result, replies, early),
+                            Err(_) => {
+                                let error = NodeError::Unavailable(
+                                    "no commit within the commit wait bound".into(),
+                                );
+                                for reply in replies.into_iter().flatten() {
+                                    let _ = reply.send(Err(error.clone()));
+                                }
+                                false
+                            }
+                        };
+                        if !ok {
                             broken.store(true, Ordering::SeqCst);
                         }
                         drop(permit);
@@ -178,6 +211,13 @@ impl Proposer {
                 }
             }
         }
+    }
+
+    /// Who leads, and in which term, as this node knows it now.
+    fn leadership(&self) -> (Option<NodeId>, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.current_leader, m.current_term)
     }
 
     /// Copies the applied engine once the log is applied and nothing of ours is in flight.

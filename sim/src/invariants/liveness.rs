@@ -1,0 +1,84 @@
+//! **Promise: after faults heal, a leader is elected and requests succeed within a stated
+//! bound** (DESIGN.md: with no leader or no quorum a call answers UNAVAILABLE within its
+//! deadline; once the cluster is whole again it must serve).
+//!
+//! The bound, in simulated time after the last fault is healed (every partition and network
+//! episode cleared, every crashed node restarted, slow disks back to normal): every live node
+//! agrees on one leader within [`crate::run::LEADER_WITHIN_MS`], and a request sent to a
+//! random node is acknowledged within [`crate::run::REQUEST_WITHIN_MS`].
+
+use crate::history::{Evidence, Violation};
+use crate::replay::Replay;
+
+pub const NAME: &str = "liveness";
+
+pub fn check(ev: &Evidence, _replay: &Replay) -> Vec<Violation> {
+    let Some(l) = ev.liveness else {
+        return vec![Violation {
+            invariant: NAME,
+            message: "the run never reached its healing phase".into(),
+        }];
+    };
+    let mut out = Vec::new();
+    let late = |at: Option<u64>, within: u64| match at {
+        Some(at) => at.saturating_sub(l.healed_at_ms) > within,
+        None => true,
+    };
+    if late(l.leader_at_ms, ev.bounds.leader_within_ms) {
+        out.push(Violation {
+            invariant: NAME,
+            message: format!(
+                "no agreed leader within {}ms of healing at {}ms (first at {:?})",
+                ev.bounds.leader_within_ms, l.healed_at_ms, l.leader_at_ms
+            ),
+        });
+    }
+    if late(l.request_ok_at_ms, ev.bounds.request_within_ms) {
+        out.push(Violation {
+            invariant: NAME,
+            message: format!(
+                "no request acknowledged within {}ms of healing at {}ms (first at {:?})",
+                ev.bounds.request_within_ms, l.healed_at_ms, l.request_ok_at_ms
+            ),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::history::Liveness;
+    use crate::invariants::fixtures::*;
+
+    #[test]
+    fn a_prompt_recovery_passes() {
+        let h = Hist::new();
+        assert!(check(&h.ev(), &h.replay()).is_empty());
+    }
+
+    #[test]
+    fn no_leader_after_healing_fails() {
+        let mut h = Hist::new();
+        h.liveness = Some(Liveness {
+            healed_at_ms: 1_000,
+            leader_at_ms: None,
+            request_ok_at_ms: None,
+        });
+        let v = check(&h.ev(), &h.replay());
+        assert_eq!(v.len(), 2, "{v:?}");
+    }
+
+    #[test]
+    fn a_slow_recovery_fails() {
+        let mut h = Hist::new();
+        h.liveness = Some(Liveness {
+            healed_at_ms: 1_000,
+            leader_at_ms: Some(2_000),
+            request_ok_at_ms: Some(30_000),
+        });
+        let v = check(&h.ev(), &h.replay());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("no request"), "{}", v[0]);
+    }
+}

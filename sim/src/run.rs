@@ -1,0 +1,1217 @@
+//! One seed, start to finish: build the cluster, run the workload under faults, heal, check
+//! liveness, let the cluster settle, and hand the evidence to the invariants.
+//!
+//! Determinism: the seed runs on a fresh single-threaded tokio runtime with paused (virtual)
+//! time; every random choice comes from streams split off one seeded ChaCha generator; there
+//! are no sockets and no threads. Data directories (the state machines' snapshot files) live in
+//! a fresh temporary directory. openraft draws election timeouts from `rand::thread_rng()`
+//! (not seedable): each node gets its own seed-derived timeout with
+//! `election_max = election_min + 1`, so that draw has exactly one possible value. Residual
+//! hazard: tokio's `select!` without `biased` picks among ready branches with a runtime RNG
+//! that cannot be seeded without `--cfg tokio_unstable`; openraft uses it in two places
+//! (replication backoff, metrics waits), where ties are rare and (as far as we can tell) do not
+//! change what happens. The determinism test guards this.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use openraft::{BasicNode, ServerState};
+use parking_lot::Mutex;
+use tally_server::engine::{Code, Command, EngineSettings, Outcome};
+use tally_server::node::raft_types::NodeId;
+use tally_server::node::{BatchConfig, Node, NodeConfig, RaftTimings};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::audit::Audit;
+use crate::clock::SimClock;
+use crate::history::*;
+use crate::invariants;
+use crate::log_store::Disk;
+use crate::network::{Episode, LinkModel, Router, SimForward, SimNetwork, addr_of};
+use crate::rng::SimRng;
+use crate::trace::Trace;
+use crate::workload::{WorkloadPlan, describe, with_rid};
+
+/// Liveness bound: after healing, every live node agrees on a leader within this...
+pub const LEADER_WITHIN_MS: u64 = 5_000;
+/// ...and a request is acknowledged within this (simulated time).
+pub const REQUEST_WITHIN_MS: u64 = 10_000;
+
+/// Simulated time between two driver steps.
+const TICK: Duration = Duration::from_millis(10);
+/// Replicas are sampled this often.
+const SAMPLE_EVERY_MS: u64 = 100;
+/// A status line goes into the trace this often.
+const STATUS_EVERY_MS: u64 = 1_000;
+const HEARTBEAT_MS: u64 = 100;
+
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Simulated seconds of workload under faults (healing and settling come after).
+    pub seconds: u64,
+    /// Cluster size; drawn from the seed (3 or 5) when `None`.
+    pub nodes: Option<usize>,
+    /// Print the trace as it is written.
+    pub echo: bool,
+    /// Where the temporary data directories go (default: /dev/shm when there is one).
+    pub data_root: Option<PathBuf>,
+    /// Break the disks on purpose (to show the invariants catch it).
+    pub sabotage: Option<crate::log_store::DiskSabotage>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            seconds: 20,
+            nodes: None,
+            echo: false,
+            data_root: None,
+            sabotage: None,
+        }
+    }
+}
+
+/// Counts for one seed.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    pub nodes: usize,
+    pub calls: usize,
+    pub acked: usize,
+    pub unknown: usize,
+    pub leaders: usize,
+    pub faults: u64,
+    pub crashes: u64,
+    pub clock_jumps: u64,
+    pub limit_changes: u64,
+    pub snapshots_installed: u64,
+    pub messages: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub fsyncs: u64,
+    pub lost_disk_ops: u64,
+    pub lost_fast_answers: usize,
+    pub committed_entries: u64,
+    pub sim_ms: u64,
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} nodes, {:.1}s simulated, {} calls ({} acked, {} unknown), {} committed entries, {} leaders, \
+             {} faults ({} crashes, {} clock jumps), {} limit changes, {} snapshot installs, \
+             {} messages ({} lost, {} duplicated), {} fsyncs ({} unsynced ops lost), {} fast answers lost",
+            self.nodes,
+            self.sim_ms as f64 / 1000.0,
+            self.calls,
+            self.acked,
+            self.unknown,
+            self.committed_entries,
+            self.leaders,
+            self.faults,
+            self.crashes,
+            self.clock_jumps,
+            self.limit_changes,
+            self.snapshots_installed,
+            self.messages,
+            self.lost,
+            self.duplicated,
+            self.fsyncs,
+            self.lost_disk_ops,
+            self.lost_fast_answers,
+        )
+    }
+}
+
+pub struct SeedReport {
+    pub seed: u64,
+    pub violations: Vec<Violation>,
+    pub trace: String,
+    pub stats: Stats,
+}
+
+impl SeedReport {
+    /// A digest of the whole trace: equal digests ⇒ (almost surely) equal runs.
+    pub fn trace_digest(&self) -> u64 {
+        digest(self.trace.as_bytes())
+    }
+}
+
+/// Runs one seed on its own runtime; same seed ⇒ same report.
+pub fn run_seed(seed: u64, opts: &SimOptions) -> SeedReport {
+    let root = opts.data_root.clone().unwrap_or_else(default_data_root);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("tally-sim-{seed}-"))
+        .tempdir_in(&root)
+        .or_else(|_| tempfile::tempdir())
+        .expect("a temporary directory");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("a tokio runtime");
+    // Built inside the runtime: outside it, `tokio::time::Instant::now()` reads the real
+    // clock, and the trace's and the node clocks' time zero would carry wall-clock jitter.
+    let report = runtime.block_on(async { Sim::new(seed, opts, dir.path()).run().await });
+    drop(runtime);
+    report
+}
+
+fn default_data_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() && tempfile::tempdir_in(shm).is_ok() {
+        shm.to_owned()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// What the clients and samplers recorded.
+#[derive(Default)]
+struct Recorded {
+    calls: Vec<Call>,
+    samples: Vec<Sample>,
+}
+
+struct Slot {
+    id: NodeId,
+    disk: Arc<Disk>,
+    clock: Arc<SimClock>,
+    config: NodeConfig,
+    node: Option<Node>,
+    incarnation: u32,
+    /// The dead incarnation's shutdown, awaited before a restart.
+    stopping: Option<JoinHandle<()>>,
+}
+
+enum Event {
+    HealCut(u64),
+    HealEpisode(u64),
+    Restart(NodeId),
+    HealDisk(NodeId),
+}
+
+struct Sim {
+    seed: u64,
+    opts: SimOptions,
+    trace: Trace,
+    faults_rng: SimRng,
+    work_rng: SimRng,
+    router: Arc<Router>,
+    audit: Audit,
+    slots: BTreeMap<NodeId, Slot>,
+    plan: WorkloadPlan,
+    batch: BatchConfig,
+    recorded: Arc<Mutex<Recorded>>,
+    outstanding: Arc<AtomicUsize>,
+    next_call: u64,
+    events: BTreeMap<(u64, u64), Event>,
+    next_event: u64,
+    next_fault: u64,
+    leaders: Vec<LeaderSeen>,
+    violations: Vec<Violation>,
+    liveness_seen: Option<Liveness>,
+    next_status_ms: u64,
+    stats: Stats,
+    /// Mean simulated time between faults, ms.
+    fault_gap_ms: (u64, u64),
+}
+
+impl Sim {
+    fn new(seed: u64, opts: &SimOptions, dir: &Path) -> Sim {
+        let root = SimRng::new(seed);
+        let setup = root.fork();
+        let net_rng = root.fork();
+        let disk_rng = root.fork();
+        let faults_rng = root.fork();
+        let work_rng = root.fork();
+        let trace = Trace::new(opts.echo);
+        let n = opts
+            .nodes
+            .unwrap_or_else(|| if setup.chance(0.7) { 3 } else { 5 });
+        let base = LinkModel {
+            delay_us: (setup.between(200, 1_000), setup.between(2_000, 8_000)),
+            loss: if setup.chance(0.5) {
+                0.0
+            } else {
+                setup.between(1, 20) as f64 / 1000.0
+            },
+            duplicate: if setup.chance(0.5) {
+                0.0
+            } else {
+                setup.between(1, 20) as f64 / 1000.0
+            },
+        };
+        let router = Router::new(net_rng, base);
+        let audit = Audit::default();
+        let batch = BatchConfig {
+            max_batch_commands: *setup.pick(&[1, 2, 4, 8, 16, 64, 512]),
+            batch_linger: Duration::from_millis(*setup.pick(&[0, 0, 1, 2])),
+            max_inflight_batches: *setup.pick(&[
+                1,
+                1,
+                2,
+                4,
+                tally_server::node::MAX_INFLIGHT_BATCHES,
+            ]),
+        };
+        let snapshot_every = *setup.pick(&[5, 10, 20, 50, 200]);
+        // Distinct election timeouts, one value each (see the module docs).
+        let mut timeouts = BTreeSet::new();
+        while timeouts.len() < n {
+            timeouts.insert(setup.between(30, 60) * 10 + setup.between(0, 9));
+        }
+        let timeouts: Vec<u64> = {
+            let mut t: Vec<u64> = timeouts.into_iter().collect();
+            // Shuffle deterministically so node 1 is not always the fastest.
+            for i in (1..t.len()).rev() {
+                let j = setup.index(i + 1);
+                t.swap(i, j);
+            }
+            t
+        };
+        let base_ms = 1_767_225_600_000 + setup.between(0, 86_400_000) as i64;
+        let plan = WorkloadPlan::draw(&setup);
+        trace.log(format!(
+            "seed {seed}: {n} nodes, heartbeat {HEARTBEAT_MS}ms, snapshot every {snapshot_every} entries, \
+             batches of ≤{} commands (linger {:?}, ≤{} in flight), links {}..{}µs loss {:.1}% dup {:.1}%",
+            batch.max_batch_commands,
+            batch.batch_linger,
+            batch.max_inflight_batches,
+            base.delay_us.0,
+            base.delay_us.1,
+            base.loss * 100.0,
+            base.duplicate * 100.0
+        ));
+        trace.log(format!(
+            "workload: {} req/s, strict-rpw {}/{}ms on {} skeys, fast-rpw {}/{}ms on {} fkeys, {} tkeys, deadlines {}..{}ms",
+            plan.rate_per_s,
+            plan.strict.capacity,
+            plan.strict.window_ms,
+            plan.strict_keys,
+            plan.fast.capacity,
+            plan.fast.window_ms,
+            plan.fast_keys,
+            plan.token_keys,
+            plan.deadline_ms.0,
+            plan.deadline_ms.1
+        ));
+        let mut slots = BTreeMap::new();
+        for (i, timeout) in timeouts.iter().copied().enumerate() {
+            let id = (i + 1) as NodeId;
+            let fsync_us = if setup.chance(0.2) {
+                (setup.between(2_000, 10_000), setup.between(10_000, 40_000))
+            } else {
+                (setup.between(100, 500), setup.between(500, 3_000))
+            };
+            let clock = Arc::new(SimClock::new(
+                base_ms,
+                setup.between_i(-2_000, 2_000),
+                setup.between_i(-500, 500),
+            ));
+            trace.log(format!(
+                "n{id}: election timeout {timeout}ms, clock skew {:+}ms drift {:+}ppm, fsync {}..{}µs",
+                clock.offset_ms(),
+                clock.drift_ppm(),
+                fsync_us.0,
+                fsync_us.1
+            ));
+            let config = NodeConfig {
+                node_id: id,
+                data_dir: dir.join(format!("n{id}")),
+                advertise_addr: addr_of(id),
+                bootstrap: false,
+                engine: EngineSettings::default(),
+                batch,
+                timings: RaftTimings {
+                    heartbeat_ms: HEARTBEAT_MS,
+                    election_min_ms: timeout,
+                    election_max_ms: timeout + 1,
+                    snapshot_every_entries: snapshot_every,
+                    logs_kept_behind_snapshot: 0,
+                },
+                clock: clock.clone(),
+            };
+            slots.insert(
+                id,
+                Slot {
+                    id,
+                    disk: Disk::new(id, disk_rng.fork(), audit.clone(), fsync_us, opts.sabotage),
+                    clock,
+                    config,
+                    node: None,
+                    incarnation: 0,
+                    stopping: None,
+                },
+            );
+        }
+        let fault_gap_ms = *setup.pick(&[(200, 1_000), (500, 2_500), (1_000, 5_000)]);
+        Sim {
+            seed,
+            opts: opts.clone(),
+            trace,
+            faults_rng,
+            work_rng,
+            router,
+            audit,
+            slots,
+            plan,
+            batch,
+            recorded: Arc::default(),
+            outstanding: Arc::default(),
+            next_call: 1,
+            events: BTreeMap::new(),
+            next_event: 0,
+            next_fault: 1,
+            leaders: Vec::new(),
+            violations: Vec::new(),
+            liveness_seen: None,
+            next_status_ms: 0,
+            stats: Stats {
+                nodes: n,
+                ..Stats::default()
+            },
+            fault_gap_ms,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.trace.now_ms()
+    }
+
+    async fn run(mut self) -> SeedReport {
+        let ids: Vec<NodeId> = self.slots.keys().copied().collect();
+        for id in &ids {
+            self.start(*id).await;
+        }
+        let members: BTreeMap<NodeId, BasicNode> = ids
+            .iter()
+            .map(|id| (*id, BasicNode::new(addr_of(*id))))
+            .collect();
+        if let Some(first) = self.router.node(ids[0])
+            && let Err(e) = first.raft().initialize(members).await
+        {
+            self.fail("setup", format!("initialize: {e}"));
+        }
+        self.trace
+            .log(format!("cluster initialized: members {ids:?}"));
+        if !self.install_initial_limits().await {
+            return self.finish().await;
+        }
+
+        // Workload under faults.
+        let chaos_end = self.now_ms() + self.opts.seconds * 1000;
+        let mut next_fault_at = self.now_ms() + self.fault_gap();
+        let mut next_limits_at = self.now_ms() + self.work_rng.between(2_000, 6_000);
+        let mut next_sample_at = 0;
+        while self.now_ms() < chaos_end {
+            let now = self.now_ms();
+            if now >= next_fault_at {
+                self.inject_fault().await;
+                next_fault_at = now + self.fault_gap();
+            }
+            if now >= next_limits_at {
+                self.change_limits();
+                next_limits_at = now + self.work_rng.between(2_000, 6_000);
+            }
+            self.due_events().await;
+            self.spawn_workload();
+            self.observe_leaders();
+            if now >= next_sample_at {
+                self.sample().await;
+                next_sample_at = now + SAMPLE_EVERY_MS;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+
+        // Heal everything, then hold the cluster to its liveness bound.
+        self.heal_all().await;
+        let liveness = self.liveness().await;
+        self.record_liveness(liveness);
+
+        // A last burst of traffic (fills the final window the end-state check looks at),
+        // then let every call finish and every replica catch up.
+        let burst_end = self.now_ms() + 1_500;
+        while self.now_ms() < burst_end {
+            self.spawn_workload();
+            self.observe_leaders();
+            if self.now_ms() >= next_sample_at {
+                self.sample().await;
+                next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        self.finish().await
+    }
+
+    /// Drains calls, waits for the replicas to settle, records the end state, checks.
+    async fn finish(mut self) -> SeedReport {
+        let drain_until = self.now_ms() + 10_000;
+        let mut next_sample_at = 0;
+        while self.outstanding.load(Ordering::SeqCst) > 0 && self.now_ms() < drain_until {
+            self.observe_leaders();
+            if self.now_ms() >= next_sample_at {
+                self.sample().await;
+                next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        let settle_until = self.now_ms() + 10_000;
+        while !self.settled() && self.now_ms() < settle_until {
+            self.observe_leaders();
+            if self.now_ms() >= next_sample_at {
+                self.sample().await;
+                next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        self.sample().await;
+        let mut finals = Vec::new();
+        for (id, node) in self.router.live() {
+            let (applied, is_leader) = {
+                let m = node.raft().metrics();
+                let m = m.borrow();
+                (
+                    m.last_applied.map(|l| l.index),
+                    m.state == ServerState::Leader,
+                )
+            };
+            let snapshot = node.read(|e| e.snapshot()).await.expect("read");
+            finals.push(FinalState {
+                node: id,
+                is_leader,
+                applied,
+                snapshot,
+            });
+        }
+        self.trace.log(format!(
+            "at rest: {}",
+            finals
+                .iter()
+                .map(|f| format!(
+                    "n{}{} applied {:?}",
+                    f.node,
+                    if f.is_leader { " (leader)" } else { "" },
+                    f.applied
+                ))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        for (_, node) in self.router.live() {
+            node.shutdown().await;
+        }
+        let recorded = std::mem::take(&mut *self.recorded.lock());
+        let mut calls = recorded.calls;
+        calls.sort_by_key(|c| c.id);
+        let committed = self.audit.committed();
+        let evidence = Evidence {
+            bounds: Bounds {
+                strict: self.plan.strict,
+                fast: self.plan.fast,
+                max_batch_commands: self.batch.max_batch_commands,
+                max_inflight_batches: self.batch.max_inflight_batches,
+                leader_within_ms: LEADER_WITHIN_MS,
+                request_within_ms: REQUEST_WITHIN_MS,
+                max_counters: EngineSettings::default().max_counters,
+            },
+            calls,
+            samples: recorded.samples,
+            leaders: self.leaders.clone(),
+            created: self.audit.created(),
+            committed,
+            conflicts: self.audit.conflicts(),
+            liveness: self.liveness_seen,
+            finals,
+        };
+        let mut violations = std::mem::take(&mut self.violations);
+        violations.extend(invariants::check_all(&evidence));
+        let replay = crate::replay::Replay::build(&evidence);
+        let net = self.router.stats();
+        let mut stats = self.stats.clone();
+        stats.calls = evidence.calls.len();
+        stats.acked = evidence
+            .calls
+            .iter()
+            .filter(|c| matches!(c.result, CallResult::Acked(_)))
+            .count();
+        stats.unknown = stats.calls - stats.acked;
+        stats.leaders = self.leaders.len();
+        stats.snapshots_installed = net.snapshots_delivered;
+        stats.messages = net.sent;
+        stats.lost = net.lost;
+        stats.duplicated = net.duplicated;
+        stats.fsyncs = self.slots.values().map(|s| s.disk.stats().fsyncs).sum();
+        stats.lost_disk_ops = self.slots.values().map(|s| s.disk.stats().lost_ops).sum();
+        stats.lost_fast_answers = invariants::fast_bound::lost_fast_answers(&evidence, &replay);
+        stats.committed_entries = replay.last_index.unwrap_or(0);
+        stats.sim_ms = self.now_ms();
+        for v in &violations {
+            self.trace.log(format!("VIOLATION {v}"));
+        }
+        self.trace.log(format!("done: {stats}"));
+        SeedReport {
+            seed: self.seed,
+            violations,
+            trace: self.trace.text(),
+            stats,
+        }
+    }
+
+    fn fail(&mut self, invariant: &'static str, message: String) {
+        self.trace.log(format!("FAILED {invariant}: {message}"));
+        self.violations.push(Violation { invariant, message });
+    }
+
+    // ----- nodes -----
+
+    async fn start(&mut self, id: NodeId) {
+        let slot = self.slots.get_mut(&id).expect("slot");
+        if let Some(stopping) = slot.stopping.take() {
+            let _ = stopping.await;
+        }
+        let store = slot.disk.open();
+        let network = SimNetwork {
+            from: id,
+            router: self.router.clone(),
+        };
+        let forward = Arc::new(SimForward {
+            from: id,
+            router: self.router.clone(),
+        });
+        match Node::start_with(slot.config.clone(), store, network, forward).await {
+            Ok(node) => {
+                slot.incarnation += 1;
+                slot.node = Some(node.clone());
+                self.router.up(id, slot.disk.epoch(), node);
+            }
+            Err(e) => {
+                slot.disk.crash();
+                let message = format!("n{id} failed to start: {e}");
+                self.fail("restart", message);
+            }
+        }
+    }
+
+    fn crash(&mut self, id: NodeId) {
+        let slot = self.slots.get_mut(&id).expect("slot");
+        let Some(node) = slot.node.take() else { return };
+        self.router.down(id);
+        let loss = slot.disk.crash();
+        let leader = node.raft().metrics().borrow().state == ServerState::Leader;
+        self.trace.log(format!(
+            "CRASH n{id}{} ({loss})",
+            if leader { " (leader)" } else { "" }
+        ));
+        slot.stopping = Some(tokio::spawn(async move {
+            node.shutdown().await;
+        }));
+        self.stats.crashes += 1;
+    }
+
+    async fn restart(&mut self, id: NodeId) {
+        if self.slots[&id].node.is_some() {
+            return;
+        }
+        self.start(id).await;
+        let slot = &self.slots[&id];
+        if slot.node.is_some() {
+            self.trace
+                .log(format!("RESTART n{id} (incarnation {})", slot.incarnation));
+        }
+    }
+
+    fn live_ids(&self) -> Vec<NodeId> {
+        self.slots
+            .values()
+            .filter(|s| s.node.is_some())
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// The node that reports itself leader with the highest term, if any.
+    fn leader(&self) -> Option<NodeId> {
+        self.router
+            .live()
+            .into_iter()
+            .filter_map(|(id, n)| {
+                let m = n.raft().metrics();
+                let m = m.borrow();
+                (m.state == ServerState::Leader).then_some((m.current_term, id))
+            })
+            .max()
+            .map(|(_, id)| id)
+    }
+
+    fn observe_leaders(&mut self) {
+        for (id, node) in self.router.live() {
+            let (state, term) = {
+                let m = node.raft().metrics();
+                let m = m.borrow();
+                (m.state, m.current_term)
+            };
+            let epoch = self.slots[&id].disk.epoch();
+            if state == ServerState::Leader
+                && !self
+                    .leaders
+                    .iter()
+                    .any(|l| l.node == id && l.term == term && l.epoch == epoch)
+            {
+                let again = self.leaders.iter().any(|l| l.node == id && l.term == term);
+                self.trace.log(format!(
+                    "leader n{id} term {term}{}",
+                    if again {
+                        " (restarted as leader of the same term)"
+                    } else {
+                        ""
+                    }
+                ));
+                self.leaders.push(LeaderSeen {
+                    at_ms: self.now_ms(),
+                    node: id,
+                    term,
+                    epoch,
+                });
+            }
+        }
+    }
+
+    /// One line: every node's role, term, applied and last log index.
+    fn log_status(&self) {
+        let mut parts = Vec::new();
+        for slot in self.slots.values() {
+            let Some(node) = &slot.node else {
+                parts.push(format!("n{} down", slot.id));
+                continue;
+            };
+            let m = node.raft().metrics();
+            let m = m.borrow();
+            let role = match m.state {
+                ServerState::Leader => "L",
+                ServerState::Candidate => "C",
+                ServerState::Follower => "F",
+                ServerState::Learner => "l",
+                ServerState::Shutdown => "x",
+            };
+            parts.push(format!(
+                "n{} {role} t{} applied {} log {}",
+                slot.id,
+                m.current_term,
+                m.last_applied.map_or(0, |l| l.index),
+                m.last_log_index.unwrap_or(0)
+            ));
+        }
+        self.trace.log(format!(
+            "status: {} | {} calls open",
+            parts.join(", "),
+            self.outstanding.load(Ordering::SeqCst)
+        ));
+    }
+
+    /// Every live node's engine, with the applied index its metrics reported just before.
+    async fn sample(&mut self) {
+        let at_ms = self.now_ms();
+        if at_ms >= self.next_status_ms {
+            self.log_status();
+            self.next_status_ms = at_ms + STATUS_EVERY_MS;
+        }
+        for (id, node) in self.router.live() {
+            let floor = node.raft().metrics().borrow().last_applied.map(|l| l.index);
+            let (hash, last_ms) = node
+                .read(|e| (digest(&e.snapshot()), e.last_ms()))
+                .await
+                .expect("read");
+            let incarnation = self.slots[&id].incarnation;
+            self.recorded.lock().samples.push(Sample {
+                node: id,
+                incarnation,
+                at_ms,
+                applied_floor: floor,
+                snapshot_hash: hash,
+                last_ms,
+            });
+        }
+    }
+
+    /// All nodes live, one leader, everyone applied everything the leader has.
+    fn settled(&self) -> bool {
+        let live = self.router.live();
+        if live.len() != self.slots.len() {
+            return false;
+        }
+        let Some(leader) = self.leader() else {
+            return false;
+        };
+        let target = {
+            let m = live
+                .iter()
+                .find(|(id, _)| *id == leader)
+                .expect("leader is live")
+                .1
+                .raft()
+                .metrics();
+            let m = m.borrow();
+            m.last_log_index
+        };
+        live.iter().all(|(_, n)| {
+            let m = n.raft().metrics();
+            let m = m.borrow();
+            m.current_leader == Some(leader) && m.last_applied.map(|l| l.index) == target
+        })
+    }
+
+    // ----- clients -----
+
+    /// Sends `command` to node `to` as a client with a deadline; records what it saw.
+    fn spawn_call(
+        &mut self,
+        command: Command,
+        to: NodeId,
+    ) -> tokio::sync::oneshot::Receiver<CallResult> {
+        let id = self.next_call;
+        self.next_call += 1;
+        let command = match command {
+            Command::RateLimit(cmd) => Command::RateLimit(with_rid(cmd, id)),
+            other => other,
+        };
+        let deadline = Duration::from_millis(
+            self.work_rng
+                .between(self.plan.deadline_ms.0, self.plan.deadline_ms.1),
+        );
+        let node = self.router.incarnation(to);
+        let router = self.router.clone();
+        let trace = self.trace.clone();
+        let recorded = self.recorded.clone();
+        let outstanding = self.outstanding.clone();
+        outstanding.fetch_add(1, Ordering::SeqCst);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let sent_ms = trace.now_ms();
+            let mut served_by = (to, 0);
+            let result = match node {
+                None => CallResult::Unknown("node is down".into()),
+                Some((epoch, node)) => {
+                    served_by = (to, epoch);
+                    let answer =
+                        tokio::time::timeout(deadline, node.propose(command.clone())).await;
+                    drop(node);
+                    match answer {
+                        // A crashed process sends nothing: its leftover tasks' answers are dropped.
+                        Ok(_) if !router.alive(to, epoch) => {
+                            CallResult::Unknown(format!("connection reset (n{to} crashed)"))
+                        }
+                        Ok(Ok(outcome)) => CallResult::Acked(outcome),
+                        Ok(Err(e)) => CallResult::Unknown(e.to_string()),
+                        Err(_) => CallResult::Unknown(format!(
+                            "deadline {}ms passed",
+                            deadline.as_millis()
+                        )),
+                    }
+                }
+            };
+            let done_ms = trace.now_ms();
+            if let Some(forwarded) =
+                crate::workload::rid_of_command(&command).and_then(|rid| router.forwarded_to(rid))
+            {
+                served_by = forwarded;
+            }
+            trace.log(format!(
+                "call#{id} n{to} {} -> {} ({}ms)",
+                describe_command(&command),
+                describe_result(&result),
+                done_ms - sent_ms
+            ));
+            recorded.lock().calls.push(Call {
+                id,
+                node: to,
+                served_by,
+                sent_ms,
+                done_ms,
+                command,
+                result: result.clone(),
+            });
+            outstanding.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(result);
+        });
+        rx
+    }
+
+    fn random_node(&self, rng: &SimRng) -> NodeId {
+        let ids: Vec<NodeId> = self.slots.keys().copied().collect();
+        *rng.pick(&ids)
+    }
+
+    /// This tick's requests: `rate_per_s` on average, in bursts.
+    fn spawn_workload(&mut self) {
+        let per_tick_milli = self.plan.rate_per_s * TICK.as_millis() as u64; // thousandths
+        let mut n = per_tick_milli / 1000;
+        if self.work_rng.between(0, 999) < per_tick_milli % 1000 {
+            n += 1;
+        }
+        if self.work_rng.chance(0.02) {
+            n += self.work_rng.between(5, 30); // a burst
+        }
+        for _ in 0..n {
+            let cmd = self.plan.request(&self.work_rng);
+            let to = self.random_node(&self.work_rng.clone());
+            drop(self.spawn_call(Command::RateLimit(cmd), to));
+        }
+    }
+
+    fn change_limits(&mut self) {
+        let set = self.plan.limits(&self.work_rng);
+        let names: Vec<String> = set
+            .limits
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}({:?}{})",
+                    l.name,
+                    l.ack,
+                    if l.shadow { ",shadow" } else { "" }
+                )
+            })
+            .collect();
+        self.trace
+            .log(format!("LIMITS change: {}", names.join(" ")));
+        self.stats.limit_changes += 1;
+        let to = self.random_node(&self.work_rng.clone());
+        drop(self.spawn_call(Command::ReplaceLimits(set), to));
+    }
+
+    async fn install_initial_limits(&mut self) -> bool {
+        let set = self.plan.limits(&self.work_rng);
+        let give_up = self.now_ms() + 30_000;
+        while self.now_ms() < give_up {
+            self.observe_leaders();
+            let to = self.random_node(&self.work_rng.clone());
+            let rx = self.spawn_call(Command::ReplaceLimits(set.clone()), to);
+            if let Ok(CallResult::Acked(Outcome::LimitsReplaced { .. })) = rx.await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.fail("liveness", "initial limits not installed within 30s".into());
+        false
+    }
+
+    // ----- faults -----
+
+    fn fault_gap(&self) -> u64 {
+        self.faults_rng
+            .between(self.fault_gap_ms.0, self.fault_gap_ms.1)
+    }
+
+    fn schedule(&mut self, after_ms: u64, event: Event) {
+        let at = self.now_ms() + after_ms;
+        self.events.insert((at, self.next_event), event);
+        self.next_event += 1;
+    }
+
+    async fn due_events(&mut self) {
+        let now = self.now_ms();
+        while let Some(entry) = self.events.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let event = entry.remove();
+            match event {
+                Event::HealCut(f) => {
+                    self.router.heal_cut(f);
+                    self.trace.log(format!("HEAL #{f}"));
+                }
+                Event::HealEpisode(f) => {
+                    self.router.heal_episode(f);
+                    self.trace.log(format!("HEAL #{f}"));
+                }
+                Event::Restart(id) => self.restart(id).await,
+                Event::HealDisk(id) => {
+                    self.slots[&id].disk.heal();
+                    self.trace.log(format!("HEAL disk n{id}"));
+                }
+            }
+        }
+    }
+
+    async fn inject_fault(&mut self) {
+        let rng = self.faults_rng.clone();
+        let f = self.next_fault;
+        self.next_fault += 1;
+        self.stats.faults += 1;
+        let ids: Vec<NodeId> = self.slots.keys().copied().collect();
+        let duration = rng.between(300, 4_000);
+        match rng.weighted(&[14, 8, 10, 8, 8, 6, 18, 12, 10]) {
+            0 => {
+                // Symmetric partition into two sides.
+                let mut side: Vec<NodeId> =
+                    ids.iter().copied().filter(|_| rng.chance(0.5)).collect();
+                if side.is_empty() || side.len() == ids.len() {
+                    side = vec![*rng.pick(&ids)];
+                }
+                let other: Vec<NodeId> =
+                    ids.iter().copied().filter(|i| !side.contains(i)).collect();
+                let mut links = BTreeSet::new();
+                for a in &side {
+                    for b in &other {
+                        links.insert((*a, *b));
+                        links.insert((*b, *a));
+                    }
+                }
+                self.router.cut(f, links);
+                self.trace.log(format!(
+                    "FAULT #{f} partition {side:?} | {other:?} for {duration}ms"
+                ));
+                self.schedule(duration, Event::HealCut(f));
+            }
+            1 => {
+                // One-way: a node's messages to one peer (or to all) vanish; it still hears them.
+                let a = *rng.pick(&ids);
+                let targets: Vec<NodeId> = if rng.chance(0.5) {
+                    ids.iter().copied().filter(|b| *b != a).collect()
+                } else {
+                    let others: Vec<NodeId> = ids.iter().copied().filter(|b| *b != a).collect();
+                    vec![*rng.pick(&others)]
+                };
+                let links = targets.iter().map(|b| (a, *b)).collect();
+                self.router.cut(f, links);
+                self.trace.log(format!(
+                    "FAULT #{f} one-way cut n{a} -> {targets:?} for {duration}ms"
+                ));
+                self.schedule(duration, Event::HealCut(f));
+            }
+            2 => {
+                // The leader, isolated both ways.
+                let Some(leader) = self.leader() else {
+                    self.trace
+                        .log(format!("FAULT #{f} leader isolation: no leader, skipped"));
+                    return;
+                };
+                let mut links = BTreeSet::new();
+                for b in ids.iter().filter(|b| **b != leader) {
+                    links.insert((leader, *b));
+                    links.insert((*b, leader));
+                }
+                self.router.cut(f, links);
+                self.trace.log(format!(
+                    "FAULT #{f} leader n{leader} isolated for {duration}ms"
+                ));
+                self.schedule(duration, Event::HealCut(f));
+            }
+            3 => {
+                let loss = rng.between(5, 40) as f64 / 100.0;
+                self.router.degrade(
+                    f,
+                    Episode {
+                        loss,
+                        duplicate: 0.0,
+                        extra_delay_ms: (0, 0),
+                    },
+                );
+                self.trace.log(format!(
+                    "FAULT #{f} message loss {:.0}% for {duration}ms",
+                    loss * 100.0
+                ));
+                self.schedule(duration, Event::HealEpisode(f));
+            }
+            4 => {
+                let duplicate = rng.between(5, 30) as f64 / 100.0;
+                let spread = rng.between(10, 80);
+                self.router.degrade(
+                    f,
+                    Episode {
+                        loss: 0.0,
+                        duplicate,
+                        extra_delay_ms: (0, spread),
+                    },
+                );
+                self.trace.log(format!(
+                    "FAULT #{f} duplication {:.0}% and reordering (+0..{spread}ms) for {duration}ms",
+                    duplicate * 100.0
+                ));
+                self.schedule(duration, Event::HealEpisode(f));
+            }
+            5 => {
+                let lo = rng.between(20, 100);
+                let hi = lo + rng.between(0, 150);
+                self.router.degrade(
+                    f,
+                    Episode {
+                        loss: 0.0,
+                        duplicate: 0.0,
+                        extra_delay_ms: (lo, hi),
+                    },
+                );
+                self.trace.log(format!(
+                    "FAULT #{f} slow network +{lo}..{hi}ms for {duration}ms"
+                ));
+                self.schedule(duration, Event::HealEpisode(f));
+            }
+            6 => {
+                // Crash a node (the leader half the time); restart it later.
+                let live = self.live_ids();
+                if live.is_empty() {
+                    return;
+                }
+                let victim = match self.leader() {
+                    Some(l) if rng.chance(0.5) => l,
+                    _ => *rng.pick(&live),
+                };
+                self.crash(victim);
+                let down = rng.between(100, 4_000);
+                self.schedule(down, Event::Restart(victim));
+            }
+            7 => {
+                let id = *rng.pick(&ids);
+                let by = rng.between_i(50, 20_000) * if rng.chance(0.4) { -1 } else { 1 };
+                let clock = &self.slots[&id].clock;
+                clock.jump(by);
+                self.trace.log(format!(
+                    "FAULT #{f} clock n{id} jumps {by:+}ms (offset now {:+}ms)",
+                    clock.offset_ms()
+                ));
+                self.stats.clock_jumps += 1;
+            }
+            _ => {
+                let id = *rng.pick(&ids);
+                let lo = rng.between(5, 50);
+                let hi = lo + rng.between(0, 150);
+                let until = Instant::now() + Duration::from_millis(duration);
+                self.slots[&id].disk.slow_down(until, (lo, hi));
+                self.trace.log(format!(
+                    "FAULT #{f} slow disk n{id}: fsync +{lo}..{hi}ms for {duration}ms"
+                ));
+                self.schedule(duration, Event::HealDisk(id));
+            }
+        }
+    }
+
+    async fn heal_all(&mut self) {
+        self.router.heal_all();
+        let pending: Vec<Event> = std::mem::take(&mut self.events).into_values().collect();
+        for event in pending {
+            if let Event::Restart(id) = event {
+                self.restart(id).await;
+            }
+        }
+        let down: Vec<NodeId> = self
+            .slots
+            .values()
+            .filter(|s| s.node.is_none())
+            .map(|s| s.id)
+            .collect();
+        for id in down {
+            self.restart(id).await;
+        }
+        for slot in self.slots.values() {
+            slot.disk.heal();
+        }
+        self.trace
+            .log("HEAL ALL: partitions and network faults cleared, nodes restarted, disks normal");
+    }
+
+    // ----- liveness -----
+
+    async fn liveness(&mut self) -> Liveness {
+        let healed_at_ms = self.now_ms();
+        let mut l = Liveness {
+            healed_at_ms,
+            leader_at_ms: None,
+            request_ok_at_ms: None,
+        };
+        let give_up = healed_at_ms + LEADER_WITHIN_MS.max(REQUEST_WITHIN_MS) + 5_000;
+        let mut probe: Option<tokio::sync::oneshot::Receiver<CallResult>> = None;
+        let mut next_sample_at = 0;
+        while self.now_ms() < give_up {
+            self.observe_leaders();
+            if self.now_ms() >= next_sample_at {
+                self.sample().await;
+                next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
+            }
+            if l.leader_at_ms.is_none() && self.agreed_leader().is_some() {
+                l.leader_at_ms = Some(self.now_ms());
+                self.trace.log(format!(
+                    "liveness: leader n{} agreed {}ms after healing",
+                    self.agreed_leader().expect("agreed"),
+                    self.now_ms() - healed_at_ms
+                ));
+            }
+            if l.request_ok_at_ms.is_none() {
+                match probe.as_mut().map(|rx| rx.try_recv()) {
+                    Some(Ok(CallResult::Acked(_))) => {
+                        l.request_ok_at_ms = Some(self.now_ms());
+                        self.trace.log(format!(
+                            "liveness: request acknowledged {}ms after healing",
+                            self.now_ms() - healed_at_ms
+                        ));
+                    }
+                    Some(Err(tokio::sync::oneshot::error::TryRecvError::Empty)) => {}
+                    _ => {
+                        let cmd = self.plan.request(&self.work_rng);
+                        let to = self.random_node(&self.work_rng.clone());
+                        probe = Some(self.spawn_call(Command::RateLimit(cmd), to));
+                    }
+                }
+            }
+            if l.leader_at_ms.is_some() && l.request_ok_at_ms.is_some() {
+                break;
+            }
+            tokio::time::sleep(TICK).await;
+        }
+        l
+    }
+
+    /// The leader every live node agrees on, if they do and it says so itself.
+    fn agreed_leader(&self) -> Option<NodeId> {
+        let live = self.router.live();
+        let leader = self.leader()?;
+        live.iter()
+            .all(|(_, n)| n.raft().metrics().borrow().current_leader == Some(leader))
+            .then_some(leader)
+    }
+
+    fn record_liveness(&mut self, l: Liveness) {
+        self.liveness_seen = Some(l);
+    }
+}
+
+fn describe_command(c: &Command) -> String {
+    match c {
+        Command::RateLimit(rl) => describe(rl),
+        Command::ReplaceLimits(set) => format!("ReplaceLimits({} limits)", set.limits.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn describe_result(r: &CallResult) -> String {
+    match r {
+        CallResult::Acked(Outcome::RateLimit(d)) => {
+            let code = match d.code {
+                Code::Ok => "OK",
+                Code::OverLimit => "OVER_LIMIT",
+            };
+            let remaining: Vec<String> = d
+                .statuses
+                .iter()
+                .filter(|s| s.current_limit.is_some())
+                .map(|s| s.remaining.to_string())
+                .collect();
+            format!(
+                "{code} remaining [{}]{}",
+                remaining.join(","),
+                if d.fast { " fast" } else { "" }
+            )
+        }
+        CallResult::Acked(Outcome::LimitsReplaced {
+            limits,
+            kept,
+            generation,
+        }) => {
+            format!("limits generation {generation} ({limits} limits, {kept} kept)")
+        }
+        CallResult::Acked(other) => format!("{other:?}"),
+        CallResult::Unknown(why) => format!("UNKNOWN ({why})"),
+    }
+}
