@@ -67,11 +67,23 @@ pub struct Liveness {
     pub request_ok_at_ms: Option<u64>,
 }
 
+/// A node whose Raft stopped on its own (openraft `Fatal`), not because the simulator crashed
+/// it: the process lives on with a dead Raft until an operator restarts it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftStopped {
+    pub at_ms: u64,
+    pub node: NodeId,
+    pub epoch: u64,
+    pub error: String,
+}
+
 /// One node's state at the end, after quiescence.
 #[derive(Clone, Debug)]
 pub struct FinalState {
     pub node: NodeId,
     pub is_leader: bool,
+    /// False when its Raft stopped on its own: its metrics may lag its engine.
+    pub running: bool,
     pub applied: Option<u64>,
     pub snapshot: Vec<u8>,
 }
@@ -104,6 +116,7 @@ pub struct Evidence {
     pub conflicts: Vec<String>,
     pub liveness: Option<Liveness>,
     pub finals: Vec<FinalState>,
+    pub stopped: Vec<RaftStopped>,
 }
 
 /// A broken promise.

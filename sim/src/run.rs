@@ -215,6 +215,7 @@ struct Sim {
     leaders: Vec<LeaderSeen>,
     violations: Vec<Violation>,
     liveness_seen: Option<Liveness>,
+    stopped: Vec<RaftStopped>,
     next_status_ms: u64,
     stats: Stats,
     /// Mean simulated time between faults, ms.
@@ -370,6 +371,7 @@ impl Sim {
             leaders: Vec::new(),
             violations: Vec::new(),
             liveness_seen: None,
+            stopped: Vec::new(),
             next_status_ms: 0,
             stats: Stats {
                 nodes: n,
@@ -469,21 +471,24 @@ impl Sim {
             }
             tokio::time::sleep(TICK).await;
         }
+        self.observe_leaders();
         self.sample().await;
         let mut finals = Vec::new();
         for (id, node) in self.router.live() {
-            let (applied, is_leader) = {
+            let (applied, is_leader, running) = {
                 let m = node.raft().metrics();
                 let m = m.borrow();
                 (
                     m.last_applied.map(|l| l.index),
                     m.state == ServerState::Leader,
+                    m.running_state.is_ok(),
                 )
             };
             let snapshot = node.read(|e| e.snapshot()).await.expect("read");
             finals.push(FinalState {
                 node: id,
                 is_leader,
+                running,
                 applied,
                 snapshot,
             });
@@ -526,6 +531,7 @@ impl Sim {
             conflicts: self.audit.conflicts(),
             liveness: self.liveness_seen,
             finals,
+            stopped: self.stopped.clone(),
         };
         let mut violations = std::mem::take(&mut self.violations);
         violations.extend(invariants::check_all(&evidence));
@@ -648,12 +654,27 @@ impl Sim {
 
     fn observe_leaders(&mut self) {
         for (id, node) in self.router.live() {
-            let (state, term) = {
+            let (state, term, fatal) = {
                 let m = node.raft().metrics();
                 let m = m.borrow();
-                (m.state, m.current_term)
+                (m.state, m.current_term, m.running_state.clone().err())
             };
             let epoch = self.slots[&id].disk.epoch();
+            if let Some(fatal) = fatal
+                && !self
+                    .stopped
+                    .iter()
+                    .any(|s| s.node == id && s.epoch == epoch)
+            {
+                self.trace
+                    .log(format!("RAFT STOPPED n{id} on its own: {fatal}"));
+                self.stopped.push(RaftStopped {
+                    at_ms: self.now_ms(),
+                    node: id,
+                    epoch,
+                    error: fatal.to_string(),
+                });
+            }
             if state == ServerState::Leader
                 && !self
                     .leaders

@@ -187,6 +187,7 @@ mod tests {
         h.finals.push(FinalState {
             node: 1,
             is_leader: true,
+            running: true,
             applied: h.committed_upto,
             snapshot: before,
         });

@@ -27,6 +27,7 @@ pub struct Hist {
     pub leaders: Vec<LeaderSeen>,
     pub finals: Vec<FinalState>,
     pub liveness: Option<Liveness>,
+    pub stopped: Vec<RaftStopped>,
 }
 
 pub fn bounds() -> Bounds {
@@ -93,6 +94,7 @@ impl Hist {
                 leader_at_ms: Some(1_500),
                 request_ok_at_ms: Some(1_600),
             }),
+            stopped: Vec::new(),
         };
         let limits = LimitSet {
             limits: vec![
@@ -212,6 +214,7 @@ impl Hist {
         self.finals.push(FinalState {
             node,
             is_leader,
+            running: true,
             applied: self.committed_upto,
             snapshot: self.engine.snapshot(),
         });
@@ -228,6 +231,7 @@ impl Hist {
             conflicts: self.conflicts.clone(),
             liveness: self.liveness,
             finals: self.finals.clone(),
+            stopped: self.stopped.clone(),
         }
     }
 

@@ -6,6 +6,9 @@
 //! episode cleared, every crashed node restarted, slow disks back to normal): every live node
 //! agrees on one leader within [`crate::run::LEADER_WITHIN_MS`], and a request sent to a
 //! random node is acknowledged within [`crate::run::REQUEST_WITHIN_MS`].
+//!
+//! And no node's Raft may stop on its own (openraft `Fatal`) without the simulator crashing
+//! it: such a node stays out of the cluster until an operator restarts it.
 
 use crate::history::{Evidence, Violation};
 use crate::replay::Replay;
@@ -19,7 +22,17 @@ pub fn check(ev: &Evidence, _replay: &Replay) -> Vec<Violation> {
             message: "the run never reached its healing phase".into(),
         }];
     };
-    let mut out = Vec::new();
+    let mut out: Vec<Violation> = ev
+        .stopped
+        .iter()
+        .map(|s| Violation {
+            invariant: NAME,
+            message: format!(
+                "n{}'s Raft stopped on its own at {}ms (incarnation {}): {}",
+                s.node, s.at_ms, s.epoch, s.error
+            ),
+        })
+        .collect();
     let late = |at: Option<u64>, within: u64| match at {
         Some(at) => at.saturating_sub(l.healed_at_ms) > within,
         None => true,
@@ -67,6 +80,20 @@ mod tests {
         });
         let v = check(&h.ev(), &h.replay());
         assert_eq!(v.len(), 2, "{v:?}");
+    }
+
+    #[test]
+    fn a_raft_that_stops_itself_fails() {
+        let mut h = Hist::new();
+        h.stopped.push(crate::history::RaftStopped {
+            at_ms: 100,
+            node: 2,
+            epoch: 0,
+            error: "storage error".into(),
+        });
+        let v = check(&h.ev(), &h.replay());
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(v[0].message.contains("stopped on its own"), "{}", v[0]);
     }
 
     #[test]
