@@ -261,6 +261,9 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub clock: Arc<ManualClock>,
     pub raft_addrs: Vec<SocketAddr>,
+    /// Raft listeners bound at creation and held until their node first starts, so no other
+    /// test can take the port in between.
+    reserved: Vec<Option<TcpListener>>,
     pub nodes: Vec<Option<RunningServer>>,
 }
 
@@ -275,7 +278,10 @@ impl Cluster {
         let listeners = Listeners {
             grpc: TcpListener::bind("127.0.0.1:0").await.unwrap(),
             http: TcpListener::bind("127.0.0.1:0").await.unwrap(),
-            raft: TcpListener::bind(self.raft_addrs[i - 1]).await.unwrap(),
+            raft: match self.reserved[i - 1].take() {
+                Some(l) => l,
+                None => TcpListener::bind(self.raft_addrs[i - 1]).await.unwrap(),
+            },
         };
         let config = ServerConfig {
             node_id,
@@ -293,15 +299,18 @@ impl Cluster {
             ..base
         };
         let mut raft_addrs = Vec::new();
+        let mut reserved = Vec::new();
         for _ in 0..3 {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             raft_addrs.push(l.local_addr().unwrap());
+            reserved.push(Some(l));
         }
         let mut c = Cluster {
             base,
             dir: tempfile::tempdir().unwrap(),
             clock,
             raft_addrs,
+            reserved,
             nodes: vec![None, None, None],
         };
         c.start_node(1, true).await;
