@@ -38,9 +38,9 @@ struct Args {
     #[arg(long, env = "TALLY_RAFT_ADVERTISE")]
     raft_advertise: Option<String>,
 
-    /// This node's id in the cluster: unique, never reused for another node.
+    /// This node's id in the cluster: unique, never reused for another node (1 to 2^64 - 2).
     #[arg(long, env = "TALLY_NODE_ID", default_value_t = 1,
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..tally_server::node::log_store::NO_VOTE))]
     node_id: u64,
 
     /// The node's data directory (Raft log, snapshots). Never shared between nodes.

@@ -113,6 +113,10 @@ pub enum ServerError {
     Grpc(#[from] tonic::transport::Error),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(
+        "raft stopped: {0}; exiting so that the service manager restarts this node from its data directory"
+    )]
+    RaftStopped(String),
 }
 
 /// The three listeners a node serves.
@@ -131,7 +135,7 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_with(listeners, config, shutdown, Readiness::default()).await
+    run_with(listeners, config, shutdown, Readiness::default(), None).await
 }
 
 async fn run_with(
@@ -139,6 +143,7 @@ async fn run_with(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
     readiness: Readiness,
+    started: Option<Arc<std::sync::OnceLock<Node>>>,
 ) -> Result<(), ServerError> {
     let (initial, fingerprint) = load_initial(&config).await?;
     let raft_addr = listeners.raft.local_addr()?;
@@ -156,9 +161,23 @@ async fn run_with(
         clock: config.clock.clone(),
     })
     .await?;
+    if let Some(started) = started {
+        let _ = started.set(node.clone());
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
+    // A Raft that stopped on its own cannot be revived in this process: stop serving and
+    // return an error, so the process exits non-zero and its supervisor restarts it.
+    let failure = Arc::new(parking_lot::Mutex::new(None));
+    let watched = node.clone();
+    let failed = failure.clone();
     tokio::spawn(async move {
-        shutdown.await;
+        tokio::select! {
+            () = shutdown => {}
+            reason = watched.raft_failed() => {
+                tracing::error!(%reason, "raft stopped on its own; stopping this node");
+                *failed.lock() = Some(reason);
+            }
+        }
         let _ = stop_tx.send(true);
     });
     tracing::info!(
@@ -204,6 +223,9 @@ async fn run_with(
     http_task.await.map_err(std::io::Error::other)??;
     raft_task.await.map_err(std::io::Error::other)??;
     node.shutdown().await;
+    if let Some(reason) = failure.lock().take() {
+        return Err(ServerError::RaftStopped(reason));
+    }
     tracing::info!("tallyd stopped");
     Ok(())
 }
@@ -271,6 +293,7 @@ pub struct RunningServer {
     pub http_addr: SocketAddr,
     pub raft_addr: SocketAddr,
     readiness: Readiness,
+    node: Arc<std::sync::OnceLock<Node>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), ServerError>>,
 }
@@ -297,6 +320,7 @@ pub async fn spawn_on(
     load_initial(&config).await?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let readiness = Readiness::default();
+    let node = Arc::new(std::sync::OnceLock::new());
     let task = tokio::spawn(run_with(
         listeners,
         config,
@@ -304,12 +328,14 @@ pub async fn spawn_on(
             let _ = stopped.await;
         },
         readiness.clone(),
+        Some(node.clone()),
     ));
     Ok(RunningServer {
         grpc_addr,
         http_addr,
         raft_addr,
         readiness,
+        node,
         stop: Some(stop),
         task,
     })
@@ -330,6 +356,16 @@ impl RunningServer {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         Ok(())
+    }
+
+    /// The node, once it has started.
+    pub fn node(&self) -> Option<Node> {
+        self.node.get().cloned()
+    }
+
+    /// True once the server has stopped (asked to, or on its own after a Raft failure).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 
     /// Shuts the server down and waits for it.

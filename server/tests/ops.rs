@@ -233,3 +233,54 @@ async fn a_bad_limits_file_at_start_is_refused_naming_line_and_field() {
     assert!(err.contains("line 7"), "{err}");
     assert!(err.contains("window"), "{err}");
 }
+
+/// A Raft that stops on its own (openraft `Fatal`) cannot be revived in place: the node stops
+/// reporting ready, the server stops serving and returns an error, so `tallyd` exits non-zero
+/// and its service manager restarts it from its data directory.
+#[tokio::test]
+async fn a_raft_that_stops_on_its_own_stops_the_server_with_an_error() {
+    let t = start(LIMITS).await;
+    let node = t.server.node().expect("node started");
+    assert!(node.is_ready());
+    assert_eq!(node.raft_failure(), None);
+
+    // Stop the core behind the node's back, as openraft does on a fatal error.
+    node.raft().shutdown().await.unwrap();
+    assert!(
+        !node.is_ready(),
+        "a node with a stopped Raft must not be ready"
+    );
+    assert!(node.raft_failure().is_some());
+    let reason = tokio::time::timeout(Duration::from_secs(5), node.raft_failed())
+        .await
+        .expect("raft_failed resolves");
+    assert!(!reason.is_empty());
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !t.server.is_finished() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "server still serving"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    match t.server.stop().await {
+        Err(server::ServerError::RaftStopped(why)) => assert_eq!(why, reason),
+        other => panic!("expected RaftStopped, got {other:?}"),
+    }
+}
+
+/// Shutting a node down on purpose is not a failure.
+#[tokio::test]
+async fn a_node_shut_down_on_purpose_reports_no_failure() {
+    let t = start(LIMITS).await;
+    let node = t.server.node().expect("node started");
+    node.shutdown().await;
+    assert_eq!(node.raft_failure(), None);
+    assert!(!node.is_ready());
+    let waited = tokio::time::timeout(Duration::from_millis(300), node.raft_failed()).await;
+    assert!(
+        waited.is_err(),
+        "raft_failed must not resolve after shutdown"
+    );
+}

@@ -20,7 +20,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use openraft::{EntryPayload, LeaderId};
+use openraft::{CommittedLeaderId, EntryPayload};
 use parking_lot::Mutex;
 use tally_server::node::raft_types::{Batch, Entry, NodeId};
 
@@ -38,12 +38,14 @@ pub struct Created {
 }
 
 /// Per index: the entries created there, by leader id, with the creator's epoch.
-type CreatedAt = BTreeMap<u64, BTreeMap<LeaderId<NodeId>, (u64, Option<Batch>)>>;
+/// By index, then by the log id's leader part (the term: one leader per term), the node that
+/// created the entry, its incarnation (0 when first seen on a follower) and the batch.
+type CreatedAt = BTreeMap<u64, BTreeMap<CommittedLeaderId<NodeId>, (NodeId, u64, Option<Batch>)>>;
 
 #[derive(Default)]
 struct Inner {
     created: CreatedAt,
-    committed: BTreeMap<u64, (LeaderId<NodeId>, NodeId, Option<Batch>)>,
+    committed: BTreeMap<u64, (CommittedLeaderId<NodeId>, NodeId, Option<Batch>)>,
     conflicts: Vec<String>,
 }
 
@@ -66,17 +68,13 @@ impl Audit {
             let batch = batch_of(e);
             match by_leader.get_mut(&e.log_id.leader_id) {
                 // A follower's copy: the creator's epoch stays.
-                Some((_, existing)) if *existing == batch => {}
-                Some(slot) => *slot = (epoch, batch),
+                Some((_, _, existing)) if *existing == batch => {}
+                // The log id reused for a new entry (a leader restarted in its own term).
+                Some(slot) => *slot = (node, epoch, batch),
                 None => {
-                    // Created by its leader, or first seen on a follower (the leader's own
-                    // append always comes first, so this is the creator in practice).
-                    let epoch = if e.log_id.leader_id.node_id == node {
-                        epoch
-                    } else {
-                        0
-                    };
-                    by_leader.insert(e.log_id.leader_id, (epoch, batch));
+                    // The leader's own append always comes first: whoever appends an entry
+                    // first created it.
+                    by_leader.insert(e.log_id.leader_id, (node, epoch, batch));
                 }
             }
         }
@@ -119,11 +117,11 @@ impl Audit {
         let inner = self.0.lock();
         let mut out = Vec::new();
         for (index, by_leader) in &inner.created {
-            for (leader, (epoch, batch)) in by_leader {
+            for (leader, (creator, epoch, batch)) in by_leader {
                 out.push(Created {
                     index: *index,
                     term: leader.term,
-                    leader: leader.node_id,
+                    leader: *creator,
                     epoch: *epoch,
                     batch: batch.clone(),
                 });
@@ -141,7 +139,11 @@ impl Audit {
             .map(|(index, (leader, _, batch))| Created {
                 index: *index,
                 term: leader.term,
-                leader: leader.node_id,
+                leader: inner
+                    .created
+                    .get(index)
+                    .and_then(|by| by.get(leader))
+                    .map_or(0, |(creator, _, _)| *creator),
                 epoch: 0,
                 batch: batch.clone(),
             })

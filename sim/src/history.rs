@@ -68,13 +68,17 @@ pub struct Liveness {
 }
 
 /// A node whose Raft stopped on its own (openraft `Fatal`), not because the simulator crashed
-/// it: the process lives on with a dead Raft until an operator restarts it.
+/// it. `tallyd` exits on it (`Node::raft_failed`) and its service manager restarts it; the
+/// simulator plays that manager.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RaftStopped {
     pub at_ms: u64,
     pub node: NodeId,
     pub epoch: u64,
     pub error: String,
+    /// Whether the node itself reported the failure (`Node::raft_failure`) when it was seen.
+    /// Unreported, the process would live on with a dead Raft.
+    pub reported: bool,
 }
 
 /// One node's state at the end, after quiescence.

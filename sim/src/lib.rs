@@ -6,13 +6,15 @@
 //! ([`network`]), a disk that loses unsynced writes on a crash ([`log_store`]), and a wall clock
 //! per node with skew, drift and jumps ([`clock`]). Faults and workload come from one seed; the
 //! oracle ([`history`], [`replay`]) and the [`invariants`] judge the run; any seed replays
-//! exactly ([`run::run_seed`]).
+//! exactly ([`run::run_seed`]). Members are replaced now and then ([`membership`]), and a node
+//! whose Raft stops on its own exits and is restarted, as its service manager would.
 
 pub mod audit;
 pub mod clock;
 pub mod history;
 pub mod invariants;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod replay;
 pub mod rng;

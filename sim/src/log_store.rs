@@ -382,11 +382,16 @@ impl RaftLogReader<TypeConfig> for SimLogStore {
             Bound::Excluded(i) => Bound::Excluded(*i),
             Bound::Unbounded => Bound::Unbounded,
         };
-        Ok(g.live
-            .entries
-            .range((start, end))
-            .map(|(_, e)| e.clone())
-            .collect())
+        let first = match start {
+            Bound::Included(i) => i,
+            Bound::Excluded(i) => i + 1,
+            Bound::Unbounded => g.live.entries.keys().next().copied().unwrap_or(0),
+        };
+        // As the production store: only the run from the range's start, without gaps.
+        Ok(tally_server::node::log_store::contiguous_from(
+            first,
+            g.live.entries.range((start, end)).map(|(_, e)| e.clone()),
+        ))
     }
 }
 

@@ -45,6 +45,9 @@ struct Args {
     /// `volatile-votes`.
     #[arg(long)]
     sabotage: Option<String>,
+    /// No membership changes (members are replaced now and then by default).
+    #[arg(long)]
+    no_membership: bool,
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>, String> {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         seconds: args.seconds,
         nodes: args.nodes,
         sabotage,
+        membership_changes: !args.no_membership,
         ..SimOptions::default()
     };
     if let Some(seed) = args.seed {

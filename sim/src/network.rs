@@ -269,6 +269,14 @@ async fn deliver<R, E, F, Fut>(
         }
         return;
     };
+    // As the server's Raft service does: a removed node's messages are refused, so it cannot
+    // disrupt elections or rejoin with its old state.
+    if node.read(|e| e.is_retired(from)).await.unwrap_or(false) {
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(Undelivered::Down));
+        }
+        return;
+    }
     let raft = node.raft().clone();
     drop(node);
     let answer = match call(raft).await {

@@ -22,7 +22,7 @@ use openraft::{BasicNode, ServerState};
 use parking_lot::Mutex;
 use tally_server::engine::{Code, Command, EngineSettings, Outcome};
 use tally_server::node::raft_types::NodeId;
-use tally_server::node::{BatchConfig, Node, NodeConfig, RaftTimings};
+use tally_server::node::{BatchConfig, Node, NodeConfig, NodeStartError, RaftTimings};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -31,6 +31,7 @@ use crate::clock::SimClock;
 use crate::history::*;
 use crate::invariants;
 use crate::log_store::Disk;
+use crate::membership::{Note, Step};
 use crate::network::{Episode, LinkModel, Router, SimForward, SimNetwork, addr_of};
 use crate::rng::SimRng;
 use crate::trace::Trace;
@@ -40,6 +41,25 @@ use crate::workload::{WorkloadPlan, describe, with_rid};
 pub const LEADER_WITHIN_MS: u64 = 5_000;
 /// ...and a request is acknowledged within this (simulated time).
 pub const REQUEST_WITHIN_MS: u64 = 10_000;
+
+/// A node that exits because its Raft stopped on its own is restarted this long after, as a
+/// service manager would (systemd's `Restart=on-failure` with `RestartSec=1`).
+pub const SUPERVISOR_RESTART_MS: u64 = 1_000;
+
+/// Nodes' pinned election timeouts are at least this far apart. openraft would draw a fresh
+/// random timeout for every election; pinned ones that were close stayed in lockstep after a
+/// common reset, and two candidates split the vote round after round (seed 5 with membership
+/// changes: 26 s without a leader). Apart by more than a vote's round trip, one candidate
+/// always starts first, as randomization gives a real cluster with high probability.
+const ELECTION_SPACING_MS: u64 = 30;
+
+fn draw_timeout(rng: &SimRng) -> u64 {
+    rng.between(30, 60) * 10 + rng.between(0, 9)
+}
+
+fn well_apart(t: u64, others: &BTreeSet<u64>) -> bool {
+    others.iter().all(|o| o.abs_diff(t) >= ELECTION_SPACING_MS)
+}
 
 /// Simulated time between two driver steps.
 const TICK: Duration = Duration::from_millis(10);
@@ -61,6 +81,9 @@ pub struct SimOptions {
     pub data_root: Option<PathBuf>,
     /// Break the disks on purpose (to show the invariants catch it).
     pub sabotage: Option<crate::log_store::DiskSabotage>,
+    /// Replace members now and then (add a node, promote it, remove another). Off replays a
+    /// seed with the fault mix of the runs before membership changes were simulated.
+    pub membership_changes: bool,
 }
 
 impl Default for SimOptions {
@@ -71,6 +94,7 @@ impl Default for SimOptions {
             echo: false,
             data_root: None,
             sabotage: None,
+            membership_changes: true,
         }
     }
 }
@@ -85,6 +109,10 @@ pub struct Stats {
     pub leaders: usize,
     pub faults: u64,
     pub crashes: u64,
+    /// Members replaced (a node added and promoted, another removed).
+    pub membership_changes: u64,
+    /// Nodes whose Raft stopped on its own, so they exited and were restarted.
+    pub raft_stops: u64,
     pub clock_jumps: u64,
     pub limit_changes: u64,
     pub snapshots_installed: u64,
@@ -103,7 +131,7 @@ impl std::fmt::Display for Stats {
         write!(
             f,
             "{} nodes, {:.1}s simulated, {} calls ({} acked, {} unknown), {} committed entries, {} leaders, \
-             {} faults ({} crashes, {} clock jumps), {} limit changes, {} snapshot installs, \
+             {} faults ({} crashes, {} clock jumps), {} raft stops, {} membership changes, {} limit changes, {} snapshot installs, \
              {} messages ({} lost, {} duplicated), {} fsyncs ({} unsynced ops lost), {} fast answers lost",
             self.nodes,
             self.sim_ms as f64 / 1000.0,
@@ -115,6 +143,8 @@ impl std::fmt::Display for Stats {
             self.faults,
             self.crashes,
             self.clock_jumps,
+            self.raft_stops,
+            self.membership_changes,
             self.limit_changes,
             self.snapshots_installed,
             self.messages,
@@ -177,7 +207,70 @@ struct Recorded {
     samples: Vec<Sample>,
 }
 
+/// What every node's slot is made from (nodes added by membership changes too).
+struct SlotRecipe {
+    dir: PathBuf,
+    base_ms: i64,
+    batch: BatchConfig,
+    snapshot_every: u64,
+    audit: Audit,
+    sabotage: Option<crate::log_store::DiskSabotage>,
+}
+
+impl SlotRecipe {
+    /// A node's slot, its clock and disk drawn from `rng`; and the trace line describing it.
+    fn slot(&self, id: NodeId, timeout: u64, rng: &SimRng, disk_rng: SimRng) -> (Slot, String) {
+        let fsync_us = if rng.chance(0.2) {
+            (rng.between(2_000, 10_000), rng.between(10_000, 40_000))
+        } else {
+            (rng.between(100, 500), rng.between(500, 3_000))
+        };
+        let clock = Arc::new(SimClock::new(
+            self.base_ms,
+            rng.between_i(-2_000, 2_000),
+            rng.between_i(-500, 500),
+        ));
+        let line = format!(
+            "n{id}: election timeout {timeout}ms, clock skew {:+}ms drift {:+}ppm, fsync {}..{}µs",
+            clock.offset_ms(),
+            clock.drift_ppm(),
+            fsync_us.0,
+            fsync_us.1
+        );
+        let config = NodeConfig {
+            node_id: id,
+            data_dir: self.dir.join(format!("n{id}")),
+            advertise_addr: addr_of(id),
+            bootstrap: false,
+            engine: EngineSettings::default(),
+            batch: self.batch,
+            timings: RaftTimings {
+                heartbeat_ms: HEARTBEAT_MS,
+                election_min_ms: timeout,
+                election_max_ms: timeout + 1,
+                snapshot_every_entries: self.snapshot_every,
+                logs_kept_behind_snapshot: 0,
+            },
+            clock: clock.clone(),
+        };
+        let disk = Disk::new(id, disk_rng, self.audit.clone(), fsync_us, self.sabotage);
+        let slot = Slot {
+            id,
+            disk,
+            clock,
+            config,
+            node: None,
+            incarnation: 0,
+            stopping: None,
+            retired: false,
+        };
+        (slot, line)
+    }
+}
+
 struct Slot {
+    /// Removed from the cluster: never started again.
+    retired: bool,
     id: NodeId,
     disk: Arc<Disk>,
     clock: Arc<SimClock>,
@@ -216,6 +309,20 @@ struct Sim {
     violations: Vec<Violation>,
     liveness_seen: Option<Liveness>,
     stopped: Vec<RaftStopped>,
+    /// Nodes that exited on a Raft failure, and when their supervisor restarts them.
+    supervised: Vec<(u64, NodeId)>,
+    recipe: SlotRecipe,
+    member_rng: SimRng,
+    /// The id the next added node gets.
+    next_id: NodeId,
+    /// The steps of the change in progress not yet done.
+    change: Option<Vec<Step>>,
+    /// Members whose removal started: their refusal to start again is expected.
+    removing: BTreeSet<NodeId>,
+    /// The steps of a change that gave up halfway (a node added but not promoted, an id
+    /// retired but still a member...): finished at healing, as an operator would.
+    unfinished: Vec<Step>,
+    notes: crate::membership::Notes,
     next_status_ms: u64,
     stats: Stats,
     /// Mean simulated time between faults, ms.
@@ -230,6 +337,8 @@ impl Sim {
         let disk_rng = root.fork();
         let faults_rng = root.fork();
         let work_rng = root.fork();
+        // Forked last, so the streams above are what they were before membership changes.
+        let member_rng = root.fork();
         let trace = Trace::new(opts.echo);
         let n = opts
             .nodes
@@ -264,7 +373,10 @@ impl Sim {
         // Distinct election timeouts, one value each (see the module docs).
         let mut timeouts = BTreeSet::new();
         while timeouts.len() < n {
-            timeouts.insert(setup.between(30, 60) * 10 + setup.between(0, 9));
+            let t = draw_timeout(&setup);
+            if well_apart(t, &timeouts) {
+                timeouts.insert(t);
+            }
         }
         let timeouts: Vec<u64> = {
             let mut t: Vec<u64> = timeouts.into_iter().collect();
@@ -301,54 +413,20 @@ impl Sim {
             plan.deadline_ms.0,
             plan.deadline_ms.1
         ));
+        let recipe = SlotRecipe {
+            dir: dir.to_path_buf(),
+            base_ms,
+            batch,
+            snapshot_every,
+            audit: audit.clone(),
+            sabotage: opts.sabotage,
+        };
         let mut slots = BTreeMap::new();
         for (i, timeout) in timeouts.iter().copied().enumerate() {
             let id = (i + 1) as NodeId;
-            let fsync_us = if setup.chance(0.2) {
-                (setup.between(2_000, 10_000), setup.between(10_000, 40_000))
-            } else {
-                (setup.between(100, 500), setup.between(500, 3_000))
-            };
-            let clock = Arc::new(SimClock::new(
-                base_ms,
-                setup.between_i(-2_000, 2_000),
-                setup.between_i(-500, 500),
-            ));
-            trace.log(format!(
-                "n{id}: election timeout {timeout}ms, clock skew {:+}ms drift {:+}ppm, fsync {}..{}µs",
-                clock.offset_ms(),
-                clock.drift_ppm(),
-                fsync_us.0,
-                fsync_us.1
-            ));
-            let config = NodeConfig {
-                node_id: id,
-                data_dir: dir.join(format!("n{id}")),
-                advertise_addr: addr_of(id),
-                bootstrap: false,
-                engine: EngineSettings::default(),
-                batch,
-                timings: RaftTimings {
-                    heartbeat_ms: HEARTBEAT_MS,
-                    election_min_ms: timeout,
-                    election_max_ms: timeout + 1,
-                    snapshot_every_entries: snapshot_every,
-                    logs_kept_behind_snapshot: 0,
-                },
-                clock: clock.clone(),
-            };
-            slots.insert(
-                id,
-                Slot {
-                    id,
-                    disk: Disk::new(id, disk_rng.fork(), audit.clone(), fsync_us, opts.sabotage),
-                    clock,
-                    config,
-                    node: None,
-                    incarnation: 0,
-                    stopping: None,
-                },
-            );
+            let (slot, line) = recipe.slot(id, timeout, &setup, disk_rng.fork());
+            trace.log(line);
+            slots.insert(id, slot);
         }
         let fault_gap_ms = *setup.pick(&[(200, 1_000), (500, 2_500), (1_000, 5_000)]);
         Sim {
@@ -372,6 +450,14 @@ impl Sim {
             violations: Vec::new(),
             liveness_seen: None,
             stopped: Vec::new(),
+            supervised: Vec::new(),
+            recipe,
+            member_rng,
+            next_id: n as NodeId + 1,
+            change: None,
+            removing: BTreeSet::new(),
+            unfinished: Vec::new(),
+            notes: Arc::default(),
             next_status_ms: 0,
             stats: Stats {
                 nodes: n,
@@ -409,9 +495,14 @@ impl Sim {
         let chaos_end = self.now_ms() + self.opts.seconds * 1000;
         let mut next_fault_at = self.now_ms() + self.fault_gap();
         let mut next_limits_at = self.now_ms() + self.work_rng.between(2_000, 6_000);
+        let mut next_change_at = self.now_ms() + self.member_rng.between(2_000, 12_000);
         let mut next_sample_at = 0;
         while self.now_ms() < chaos_end {
             let now = self.now_ms();
+            if self.opts.membership_changes && now >= next_change_at && self.change.is_none() {
+                self.start_change().await;
+                next_change_at = now + self.member_rng.between(4_000, 12_000);
+            }
             if now >= next_fault_at {
                 self.inject_fault().await;
                 next_fault_at = now + self.fault_gap();
@@ -422,7 +513,7 @@ impl Sim {
             }
             self.due_events().await;
             self.spawn_workload();
-            self.observe_leaders();
+            self.observe().await;
             if now >= next_sample_at {
                 self.sample().await;
                 next_sample_at = now + SAMPLE_EVERY_MS;
@@ -440,7 +531,7 @@ impl Sim {
         let burst_end = self.now_ms() + 1_500;
         while self.now_ms() < burst_end {
             self.spawn_workload();
-            self.observe_leaders();
+            self.observe().await;
             if self.now_ms() >= next_sample_at {
                 self.sample().await;
                 next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
@@ -455,7 +546,7 @@ impl Sim {
         let drain_until = self.now_ms() + 10_000;
         let mut next_sample_at = 0;
         while self.outstanding.load(Ordering::SeqCst) > 0 && self.now_ms() < drain_until {
-            self.observe_leaders();
+            self.observe().await;
             if self.now_ms() >= next_sample_at {
                 self.sample().await;
                 next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
@@ -464,7 +555,7 @@ impl Sim {
         }
         let settle_until = self.now_ms() + 10_000;
         while !self.settled() && self.now_ms() < settle_until {
-            self.observe_leaders();
+            self.observe().await;
             if self.now_ms() >= next_sample_at {
                 self.sample().await;
                 next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
@@ -594,6 +685,13 @@ impl Sim {
                 slot.node = Some(node.clone());
                 self.router.up(id, slot.disk.epoch(), node);
             }
+            Err(NodeStartError::Retired(_)) if self.removing.contains(&id) => {
+                // It applied its own retirement before it went down: expected.
+                slot.retired = true;
+                self.trace.log(format!(
+                    "n{id} refuses to start: retired (it was being removed)"
+                ));
+            }
             Err(e) => {
                 slot.disk.crash();
                 let message = format!("n{id} failed to start: {e}");
@@ -603,23 +701,50 @@ impl Sim {
     }
 
     fn crash(&mut self, id: NodeId) {
+        if self.take_down(id, "CRASH") {
+            self.stats.crashes += 1;
+        }
+    }
+
+    /// The node's process ends: it leaves the network, and its disk keeps only what was
+    /// synced (an exit keeps the page cache in reality; losing it is the harder case).
+    fn take_down(&mut self, id: NodeId, what: &str) -> bool {
         let slot = self.slots.get_mut(&id).expect("slot");
-        let Some(node) = slot.node.take() else { return };
+        let Some(node) = slot.node.take() else {
+            return false;
+        };
         self.router.down(id);
         let loss = slot.disk.crash();
         let leader = node.raft().metrics().borrow().state == ServerState::Leader;
         self.trace.log(format!(
-            "CRASH n{id}{} ({loss})",
+            "{what} n{id}{} ({loss})",
             if leader { " (leader)" } else { "" }
         ));
         slot.stopping = Some(tokio::spawn(async move {
             node.shutdown().await;
         }));
-        self.stats.crashes += 1;
+        true
+    }
+
+    /// Leaders and Raft failures seen, then the supervisor's restarts that are due.
+    async fn observe(&mut self) {
+        self.observe_leaders();
+        self.membership_notes();
+        let now = self.now_ms();
+        let due: Vec<NodeId> = self
+            .supervised
+            .iter()
+            .filter(|(at, _)| *at <= now)
+            .map(|(_, id)| *id)
+            .collect();
+        self.supervised.retain(|(at, _)| *at > now);
+        for id in due {
+            self.restart(id).await;
+        }
     }
 
     async fn restart(&mut self, id: NodeId) {
-        if self.slots[&id].node.is_some() {
+        if self.slots[&id].node.is_some() || self.slots[&id].retired {
             return;
         }
         self.start(id).await;
@@ -653,6 +778,7 @@ impl Sim {
     }
 
     fn observe_leaders(&mut self) {
+        let mut exits = Vec::new();
         for (id, node) in self.router.live() {
             let (state, term, fatal) = {
                 let m = node.raft().metrics();
@@ -666,14 +792,26 @@ impl Sim {
                     .iter()
                     .any(|s| s.node == id && s.epoch == epoch)
             {
-                self.trace
-                    .log(format!("RAFT STOPPED n{id} on its own: {fatal}"));
+                // What tallyd acts on: the node's own report, not the simulator's peek.
+                let reported = node.raft_failure().is_some();
+                self.trace.log(format!(
+                    "RAFT STOPPED n{id} on its own: {fatal}{}",
+                    if reported {
+                        ""
+                    } else {
+                        " (not reported by the node)"
+                    }
+                ));
                 self.stopped.push(RaftStopped {
                     at_ms: self.now_ms(),
                     node: id,
                     epoch,
                     error: fatal.to_string(),
+                    reported,
                 });
+                if reported {
+                    exits.push(id);
+                }
             }
             if state == ServerState::Leader
                 && !self
@@ -696,6 +834,15 @@ impl Sim {
                     term,
                     epoch,
                 });
+            }
+        }
+        for id in exits {
+            if self.take_down(id, "EXIT (raft stopped)") {
+                self.stats.raft_stops += 1;
+                let at = self.now_ms() + SUPERVISOR_RESTART_MS;
+                self.trace
+                    .log(format!("supervisor: n{id} restarts at {at}ms"));
+                self.supervised.push((at, id));
             }
         }
     }
@@ -760,7 +907,7 @@ impl Sim {
     /// All nodes live, one leader, everyone applied everything the leader has.
     fn settled(&self) -> bool {
         let live = self.router.live();
-        if live.len() != self.slots.len() {
+        if live.len() != self.member_ids().len() {
             return false;
         }
         let Some(leader) = self.leader() else {
@@ -861,7 +1008,7 @@ impl Sim {
     }
 
     fn random_node(&self, rng: &SimRng) -> NodeId {
-        let ids: Vec<NodeId> = self.slots.keys().copied().collect();
+        let ids = self.member_ids();
         *rng.pick(&ids)
     }
 
@@ -907,7 +1054,7 @@ impl Sim {
         let set = self.plan.limits(&self.work_rng);
         let give_up = self.now_ms() + 30_000;
         while self.now_ms() < give_up {
-            self.observe_leaders();
+            self.observe().await;
             let to = self.random_node(&self.work_rng.clone());
             let rx = self.spawn_call(Command::ReplaceLimits(set.clone()), to);
             if let Ok(CallResult::Acked(Outcome::LimitsReplaced { .. })) = rx.await {
@@ -962,7 +1109,7 @@ impl Sim {
         let f = self.next_fault;
         self.next_fault += 1;
         self.stats.faults += 1;
-        let ids: Vec<NodeId> = self.slots.keys().copied().collect();
+        let ids = self.member_ids();
         let duration = rng.between(300, 4_000);
         match rng.weighted(&[14, 8, 10, 8, 8, 6, 18, 12, 10]) {
             0 => {
@@ -1120,7 +1267,7 @@ impl Sim {
         let down: Vec<NodeId> = self
             .slots
             .values()
-            .filter(|s| s.node.is_none())
+            .filter(|s| s.node.is_none() && !s.retired)
             .map(|s| s.id)
             .collect();
         for id in down {
@@ -1129,8 +1276,119 @@ impl Sim {
         for slot in self.slots.values() {
             slot.disk.heal();
         }
+        let unfinished = std::mem::take(&mut self.unfinished);
+        if !unfinished.is_empty() && self.change.is_none() {
+            self.trace
+                .log(format!("MEMBERSHIP finishing {unfinished:?}"));
+            self.spawn_change(unfinished);
+        }
         self.trace
             .log("HEAL ALL: partitions and network faults cleared, nodes restarted, disks normal");
+    }
+
+    // ----- membership -----
+
+    /// Every node that has not been removed (live or down).
+    fn member_ids(&self) -> Vec<NodeId> {
+        self.slots
+            .values()
+            .filter(|s| !s.retired)
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// Starts replacing a voter: a new node joins as a learner, is promoted, and the voter
+    /// is removed (see [`crate::membership`]).
+    async fn start_change(&mut self) {
+        let rng = self.member_rng.clone();
+        let Some(leader) = self.leader().and_then(|l| self.router.node(l)) else {
+            self.trace.log("MEMBERSHIP change: no leader, skipped");
+            return;
+        };
+        let voters: Vec<NodeId> = {
+            let m = leader.raft().metrics();
+            let m = m.borrow();
+            m.membership_config
+                .membership()
+                .voter_ids()
+                .filter(|v| !self.removing.contains(v))
+                .collect()
+        };
+        if voters.len() < 3 {
+            return;
+        }
+        let victim = *rng.pick(&voters);
+        let id = self.next_id;
+        self.next_id += 1;
+        let used: BTreeSet<u64> = self
+            .slots
+            .values()
+            .filter(|s| !s.retired)
+            .map(|s| s.config.timings.election_min_ms)
+            .collect();
+        let timeout = loop {
+            let t = draw_timeout(&rng);
+            if well_apart(t, &used) {
+                break t;
+            }
+        };
+        let (slot, line) = self.recipe.slot(id, timeout, &rng, rng.fork());
+        self.trace.log(line);
+        self.slots.insert(id, slot);
+        self.start(id).await;
+        self.trace.log(format!(
+            "MEMBERSHIP change: add n{id}, promote it, remove n{victim}"
+        ));
+        self.removing.insert(victim);
+        self.spawn_change(vec![
+            Step::AddLearner(id),
+            Step::Promote(id),
+            Step::Remove(victim),
+        ]);
+    }
+
+    fn spawn_change(&mut self, steps: Vec<Step>) {
+        self.change = Some(steps.clone());
+        let deadline = Instant::now() + crate::membership::CHANGE_WITHIN;
+        tokio::spawn(crate::membership::run(
+            self.router.clone(),
+            self.notes.clone(),
+            steps,
+            deadline,
+        ));
+    }
+
+    /// What the operator's change saw: traced; a removed member is stopped for good.
+    fn membership_notes(&mut self) {
+        let notes = std::mem::take(&mut *self.notes.lock());
+        for note in notes {
+            match note {
+                Note::Done { step, by } => {
+                    self.trace
+                        .log(format!("MEMBERSHIP {step}: done (leader n{by})"));
+                    if let Some(steps) = self.change.as_mut() {
+                        steps.retain(|s| *s != step);
+                        if steps.is_empty() {
+                            self.change = None;
+                            self.stats.membership_changes += 1;
+                        }
+                    }
+                    if let Step::Remove(victim) = step {
+                        self.take_down(victim, "REMOVED");
+                        self.slots.get_mut(&victim).expect("slot").retired = true;
+                    }
+                }
+                Note::Failed { step, by, error } => {
+                    self.trace
+                        .log(format!("MEMBERSHIP {step}: refused by n{by}: {error}"));
+                }
+                Note::GaveUp(step) => {
+                    self.trace
+                        .log(format!("MEMBERSHIP {step}: gave up for now"));
+                    self.unfinished = self.change.take().unwrap_or_default();
+                }
+            }
+        }
     }
 
     // ----- liveness -----
@@ -1146,7 +1404,7 @@ impl Sim {
         let mut probe: Option<tokio::sync::oneshot::Receiver<CallResult>> = None;
         let mut next_sample_at = 0;
         while self.now_ms() < give_up {
-            self.observe_leaders();
+            self.observe().await;
             if self.now_ms() >= next_sample_at {
                 self.sample().await;
                 next_sample_at = self.now_ms() + SAMPLE_EVERY_MS;
@@ -1184,11 +1442,14 @@ impl Sim {
         l
     }
 
-    /// The leader every live node agrees on, if they do and it says so itself.
+    /// The leader every live node agrees on, if they do and it says so itself. A node the
+    /// leader knows as retired (its removal under way) is not asked: nobody talks to it.
     fn agreed_leader(&self) -> Option<NodeId> {
         let live = self.router.live();
         let leader = self.leader()?;
+        let leader_node = self.router.node(leader)?;
         live.iter()
+            .filter(|(id, _)| !leader_node.knows_retired(*id))
             .all(|(_, n)| n.raft().metrics().borrow().current_leader == Some(leader))
             .then_some(leader)
     }

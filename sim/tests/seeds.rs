@@ -2,8 +2,8 @@
 //! long soak is `cargo run --release -p tally-sim -- --seeds 1..10001 --jobs N`).
 //!
 //! Seeds that failed because of a server bug the simulator found are kept as regression tests
-//! below (all three are fixed in the proposer); a seed failing today would be listed in
-//! [`KNOWN`] with the issue.
+//! below, each asserting that the run still reaches the situation it was kept for; a seed
+//! failing today would be listed in [`KNOWN`] with the issue.
 
 use tally_sim::log_store::DiskSabotage;
 use tally_sim::{SimOptions, run_seed};
@@ -79,9 +79,20 @@ fn a_lying_disk_is_caught() {
 }
 
 /// Replays one seed and asserts it keeps every promise.
-fn regression(seed: u64, seconds: u64) {
+fn regression(seed: u64, seconds: u64) -> tally_sim::SeedReport {
+    replay(seed, seconds, true)
+}
+
+/// As [`regression`], for seeds found before membership changes were simulated: replayed with
+/// the fault mix they were found with.
+fn regression_without_membership(seed: u64, seconds: u64) -> tally_sim::SeedReport {
+    replay(seed, seconds, false)
+}
+
+fn replay(seed: u64, seconds: u64, membership_changes: bool) -> tally_sim::SeedReport {
     let opts = SimOptions {
         seconds,
+        membership_changes,
         ..SimOptions::default()
     };
     let report = run_seed(seed, &opts);
@@ -91,6 +102,7 @@ fn regression(seed: u64, seconds: u64) {
         "seed {seed} (replay: cargo run -p tally-sim -- --seed {seed} --seconds {seconds}):\n{}",
         lines.join("\n")
     );
+    report
 }
 
 /// Server finding 1 (fixed: a bounded commit wait) — a node's proposer wedged for good.
@@ -101,7 +113,7 @@ fn regression(seed: u64, seconds: u64) {
 /// with batches in flight, is caught up by a snapshot, leads term 5 and never proposed again.
 #[test]
 fn regression_seed_2311_wedged_proposer() {
-    regression(2311, 7);
+    regression_without_membership(2311, 7);
 }
 
 /// Server finding 2 (fixed: leadership and speculation decided once the permit is held) —
@@ -111,7 +123,7 @@ fn regression_seed_2311_wedged_proposer() {
 /// stale speculative engine and never reached the log: 2 batches lost with a window of 1.
 #[test]
 fn regression_seed_415_fast_answers_beyond_bound() {
-    regression(415, 5);
+    regression_without_membership(415, 5);
 }
 
 /// Server finding 3 (fixed: a queued command whose caller gave up is dropped) — abandoned
@@ -121,10 +133,62 @@ fn regression_seed_415_fast_answers_beyond_bound() {
 /// out for ~14 s.
 #[test]
 fn regression_seed_1176_abandoned_backlog() {
-    regression(1176, 7);
+    regression_without_membership(1176, 7);
 }
 
-// Finding 4 (open, seeds 290, 3031, 3120, 3364): openraft 0.9.25 stops a leader's RaftCore with
-// a fatal `Read Snapshot(None): replication channel closed`; the node neither restarts nor
-// exits. Not a test here until the server handles it (see sim/README.md): a test that cannot
-// pass is not kept ignored.
+/// Server finding 4 (fixed: a node whose Raft stops on its own reports it, and `tallyd` exits
+/// so its service manager restarts it) — openraft 0.9.25 stops a leader's RaftCore with a fatal
+/// `Read Snapshot(None): replication channel closed` when it steps down while a replication
+/// task is streaming a snapshot (the task has already ended; openraft sends to it with `?`).
+/// The node used to live on with a dead Raft while the others carried on. Here n2 (3 nodes)
+/// stops at 18.3 s, exits, is restarted a second later and rejoins.
+#[test]
+fn regression_seed_881_raft_stops_on_its_own() {
+    let report = regression(881, 20);
+    assert!(
+        report.stats.raft_stops >= 1,
+        "seed 881 no longer reaches openraft's fatal: pick another seed that does"
+    );
+}
+
+/// The same finding on a 5-node cluster (n5 stops at 17.8 s).
+#[test]
+fn regression_seed_1519_raft_stops_on_its_own() {
+    let report = regression(1519, 20);
+    assert!(
+        report.stats.raft_stops >= 1,
+        "seed 1519 no longer reaches openraft's fatal: pick another seed that does"
+    );
+}
+
+/// Server finding 5 (fixed: no Raft message goes to a retired id, `node/retired_peers.rs`) —
+/// during a member replacement the removed member's id was retired but the change that takes
+/// it out of the membership had not committed. Its own messages were refused, but the leader
+/// still sent it entries; cut off before, its term had run ahead, and each answer deposed the
+/// leader. No leader for good (40 of 1,000 seeds without the filter).
+#[test]
+fn regression_seed_18_retired_member_deposes_leaders() {
+    let report = regression(18, 20);
+    assert!(report.stats.membership_changes >= 1, "no member replaced");
+}
+
+/// Server finding 6 (fixed: jittered elections while leaderless, `node/election.rs`) —
+/// openraft 0.9 draws a node's election timeout once per process. Four voters mid-replacement,
+/// two behind: the same stale candidate always started first and took the staler one's vote,
+/// every term split 2–2, and no leader was elected again (33 of 1,000 seeds without it).
+#[test]
+fn regression_seed_10_election_livelock() {
+    let report = regression(10, 20);
+    assert!(report.stats.membership_changes >= 1, "no member replaced");
+}
+
+/// Server finding 7 (fixed: log reads return only the run from the range's start,
+/// `log_store::contiguous_from`) — a deposed leader's replication read a range whose start a
+/// snapshot install had just purged and got the surviving tail; openraft sent it after the old
+/// `prev_log_id` and the follower appended it, leaving a hole in its log: it stopped on the
+/// next apply and could never start again.
+#[test]
+fn regression_seed_6323_hole_in_a_follower_log() {
+    let report = regression(6323, 20);
+    assert!(report.stats.snapshots_installed >= 1, "no snapshot install");
+}

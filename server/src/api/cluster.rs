@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use openraft::{BasicNode, ChangeMembers};
+use openraft::BasicNode;
 use tally_proto::tally::v1::cluster_client::ClusterClient;
 use tally_proto::tally::v1::cluster_server::{self, ClusterServer};
 use tally_proto::tally::v1::{
@@ -18,7 +18,6 @@ use tally_proto::tally::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::engine::{Command, Outcome};
 use crate::node::Node;
 use crate::node::forward::Forwarder;
 use crate::node::raft_types::NodeId;
@@ -77,16 +76,6 @@ fn status_of(node: &Node) -> ClusterStatus {
     }
 }
 
-/// Refuses an id that left the cluster.
-async fn refuse_retired(node: &Node, id: NodeId) -> Result<(), Status> {
-    if node.read(|e| e.is_retired(id)).await? {
-        return Err(Status::failed_precondition(format!(
-            "node id {id} was removed from this cluster and is never reused; give the node a new id and an empty data directory"
-        )));
-    }
-    Ok(())
-}
-
 fn raft_error(e: impl std::fmt::Display) -> Status {
     Status::failed_precondition(e.to_string())
 }
@@ -138,7 +127,7 @@ impl cluster_server::Cluster for ClusterService {
             members.insert(self.node.id(), BasicNode::new(self.node.advertise_addr()));
         }
         for id in members.keys() {
-            refuse_retired(&self.node, *id).await?;
+            self.node.refuse_retired(*id).await?;
         }
         raft.initialize(members).await.map_err(raft_error)?;
         Ok(Response::new(status_of(&self.node)))
@@ -166,16 +155,8 @@ impl cluster_server::Cluster for ClusterService {
             return c.add_learner(passed_on(request.into_inner())).await;
         }
         let r = request.into_inner();
-        if r.addr.is_empty() {
-            return Err(Status::invalid_argument("addr: must not be empty"));
-        }
-        refuse_retired(&self.node, r.id).await?;
         // Blocking: answers once the learner has caught up with the log.
-        self.node
-            .raft()
-            .add_learner(r.id, BasicNode::new(r.addr), true)
-            .await
-            .map_err(raft_error)?;
+        self.node.add_learner(r.id, &r.addr).await?;
         Ok(Response::new(status_of(&self.node)))
     }
 
@@ -187,13 +168,7 @@ impl cluster_server::Cluster for ClusterService {
             let mut c = self.leader_client(&addr).await?;
             return c.promote(passed_on(request.into_inner())).await;
         }
-        let id = request.into_inner().id;
-        refuse_retired(&self.node, id).await?;
-        self.node
-            .raft()
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), true)
-            .await
-            .map_err(raft_error)?;
+        self.node.promote(request.into_inner().id).await?;
         Ok(Response::new(status_of(&self.node)))
     }
 
@@ -205,31 +180,7 @@ impl cluster_server::Cluster for ClusterService {
             let mut c = self.leader_client(&addr).await?;
             return c.remove(passed_on(request.into_inner())).await;
         }
-        let id = request.into_inner().id;
-        // Retired first, while the node still receives the log: it applies its own
-        // retirement and will refuse to start from that state again.
-        match self
-            .node
-            .propose(Command::RetireNode { node_id: id })
-            .await?
-        {
-            Outcome::NodeRetired { .. } => {}
-            other => return Err(crate::api::status::unexpected(&other)),
-        }
-        let raft = self.node.raft();
-        let is_voter = status_of(&self.node)
-            .members
-            .iter()
-            .any(|m| m.id == id && m.voter);
-        if is_voter {
-            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(raft_error)?;
-        } else {
-            raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(raft_error)?;
-        }
+        self.node.remove(request.into_inner().id).await?;
         Ok(Response::new(status_of(&self.node)))
     }
 }

@@ -4,6 +4,7 @@ use tonic::Status;
 
 use crate::engine::{CommandError, Outcome};
 use crate::node::NodeError;
+use crate::node::membership::MembershipError;
 
 impl From<CommandError> for Status {
     fn from(e: CommandError) -> Status {
@@ -25,4 +26,22 @@ impl From<NodeError> for Status {
 pub fn unexpected(outcome: &Outcome) -> Status {
     tracing::error!(?outcome, "engine returned an outcome of the wrong kind");
     Status::internal("unexpected engine outcome")
+}
+
+impl From<MembershipError> for Status {
+    fn from(e: MembershipError) -> Status {
+        match e {
+            MembershipError::EmptyAddr | MembershipError::BadId(_) => {
+                Status::invalid_argument(e.to_string())
+            }
+            MembershipError::Node(e) => e.into(),
+            MembershipError::Unexpected(_) => {
+                tracing::error!(error = %e, "membership change");
+                Status::internal(e.to_string())
+            }
+            MembershipError::Retired(_) | MembershipError::Raft(_) => {
+                Status::failed_precondition(e.to_string())
+            }
+        }
+    }
 }

@@ -414,9 +414,18 @@ impl Shared {
             .blocking(move |log| log.read(start, end).collect::<io::Result<Vec<_>>>())
             .await
             .map_err(|e| storage_error(ErrorSubject::LogIndex(start), ErrorVerb::Read, e))?;
-        // Decoded here, off the lock.
+        // Decoded here, off the lock. Only the run from `start` without a gap (see
+        // `contiguous_from`); from the first entry when the range has no start.
+        let anchor = if start == 0 {
+            raw.first().map_or(0, |(id, _)| id.0.index)
+        } else {
+            start
+        };
         let mut entries = Vec::with_capacity(raw.len());
         for (WalLogId(log_id), payload) in raw {
+            if log_id.index != anchor + entries.len() as u64 {
+                break;
+            }
             match payload.decode_payload() {
                 Ok(payload) => entries.push(Entry { log_id, payload }),
                 Err(e) => return Err(storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, e)),
@@ -424,6 +433,23 @@ impl Shared {
         }
         Ok(entries)
     }
+}
+
+/// The entries of `entries` (in index order) that continue without a gap from `start`.
+///
+/// openraft 0.9 sends whatever a range read returns, and its follower appends it after the
+/// request's `prev_log_id` without checking that the first entry follows it. A read racing a
+/// purge (a snapshot installed meanwhile) that returned the surviving tail of the range put a
+/// hole into a follower's log, which then could neither apply nor restart (found by the
+/// simulator, seed 6323). A read returns the prefix of its range that exists, or nothing;
+/// openraft treats nothing as a heartbeat and retries.
+pub fn contiguous_from(start: u64, entries: impl IntoIterator<Item = Entry>) -> Vec<Entry> {
+    entries
+        .into_iter()
+        .enumerate()
+        .take_while(|(i, e)| e.log_id.index == start + *i as u64)
+        .map(|(_, e)| e)
+        .collect()
 }
 
 impl RaftLogReader<TypeConfig> for LogReader {
@@ -644,15 +670,17 @@ impl raft_log::Types for TallyWal {
     }
 }
 
-/// An openraft log id, encoded as term, leader node id and index (big-endian u64 each). Ordered
-/// as openraft orders log ids.
+/// An openraft log id, encoded as term, a reserved zero and index (big-endian u64 each). With
+/// openraft's `single-term-leader` (one leader per term, standard Raft) a log id's leader part
+/// is its term alone; the middle field is where the leader's node id was and is ignored.
+/// Ordered as openraft orders log ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct WalLogId(LogId);
 
 impl Encode for WalLogId {
     fn encode<W: io::Write>(&self, mut w: W) -> io::Result<usize> {
         Ok(self.0.leader_id.term.encode(&mut w)?
-            + self.0.leader_id.node_id.encode(&mut w)?
+            + 0u64.encode(&mut w)?
             + self.0.index.encode(&mut w)?)
     }
 }
@@ -660,24 +688,29 @@ impl Encode for WalLogId {
 impl Decode for WalLogId {
     fn decode<R: io::Read>(mut r: R) -> io::Result<Self> {
         let term = u64::decode(&mut r)?;
-        let node_id = u64::decode(&mut r)?;
+        let _reserved = u64::decode(&mut r)?;
         let index = u64::decode(&mut r)?;
         Ok(WalLogId(LogId::new(
-            openraft::CommittedLeaderId::new(term, node_id),
+            openraft::CommittedLeaderId::new(term, 0),
             index,
         )))
     }
 }
 
-/// An openraft vote, encoded as term, node id (big-endian u64) and committed (one byte).
+/// The encoding of "voted for nobody"; node ids are below it (`tallyd` refuses it as an id).
+pub const NO_VOTE: u64 = u64::MAX;
+
+/// An openraft vote, encoded as term, the node voted for ([`NO_VOTE`] for none; big-endian
+/// u64) and committed (one byte).
 /// `raft-log` refuses a vote lower than the saved one, by openraft's order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd)]
 struct WalVote(Vote);
 
 impl Encode for WalVote {
     fn encode<W: io::Write>(&self, mut w: W) -> io::Result<usize> {
+        let voted_for = self.0.leader_id.voted_for.unwrap_or(NO_VOTE);
         Ok(self.0.leader_id.term.encode(&mut w)?
-            + self.0.leader_id.node_id.encode(&mut w)?
+            + voted_for.encode(&mut w)?
             + self.0.committed.encode(&mut w)?)
     }
 }
@@ -685,9 +718,12 @@ impl Encode for WalVote {
 impl Decode for WalVote {
     fn decode<R: io::Read>(mut r: R) -> io::Result<Self> {
         let term = u64::decode(&mut r)?;
-        let node_id = u64::decode(&mut r)?;
+        let voted_for = u64::decode(&mut r)?;
         let committed = bool::decode(&mut r)?;
-        let mut vote = Vote::new(term, node_id);
+        let mut vote = Vote::new(term, voted_for);
+        if voted_for == NO_VOTE {
+            vote.leader_id.voted_for = None;
+        }
         vote.committed = committed;
         Ok(WalVote(vote))
     }
@@ -1239,6 +1275,11 @@ mod tests {
         let want: Vec<Entry> = (61..=100).map(|i| batch_entry(1, i, 40)).collect();
         assert_eq!(entries, want);
         assert_eq!(store.try_get_log_entries(0..=60).await.unwrap(), vec![]);
+        // A range that starts in the purged part gives nothing, not its surviving tail: the
+        // tail sent after an older prev_log_id would leave a hole in a follower's log.
+        assert_eq!(store.try_get_log_entries(50..70).await.unwrap(), vec![]);
+        let from_61: Vec<Entry> = (61..70).map(|i| batch_entry(1, i, 40)).collect();
+        assert_eq!(store.try_get_log_entries(61..70).await.unwrap(), from_61);
         store
             .blocking_append([batch_entry(1, 101, 40)])
             .await

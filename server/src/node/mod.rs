@@ -8,24 +8,32 @@
 //!
 //! Layout:
 //! - [`clock`]: where batch time comes from (the system clock, or a manual one in tests).
+//! - [`election`]: jittered elections while no leader is known (openraft 0.9 draws its
+//!   election timeout once per process).
 //! - `proposer`: batching, pipelining into the Raft log, forwarding from followers.
 //! - [`raft_types`]: what a log entry carries (a stamped batch) and returns (its outcomes).
 //! - [`log_store`]: the durable Raft log (raft-log: fdatasync'd, group commit).
 //! - [`state_machine`]: the engine as openraft's state machine; durable snapshots.
 //! - [`network`]: Raft RPCs over gRPC, one persistent channel per peer.
 //! - [`forward`]: followers' commands to the leader, and the leader's service for them.
+//! - [`membership`]: adding, promoting and removing members (on the leader).
+//! - [`retired_peers`]: no Raft message to a removed node's id.
 
 pub mod clock;
+pub mod election;
 pub mod forward;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 mod proposer;
 pub mod raft_types;
+pub mod retired_peers;
 pub mod state_machine;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -158,6 +166,8 @@ pub struct Node {
     tx: mpsc::Sender<proposer::Proposal>,
     raft: Raft,
     applied: Arc<parking_lot::Mutex<state_machine::Applied>>,
+    /// Set by [`Node::shutdown`], so a Raft stopped on purpose is not taken for a failure.
+    stopping: Arc<AtomicBool>,
 }
 
 impl Node {
@@ -199,6 +209,8 @@ impl Node {
             return Err(NodeStartError::Retired(config.node_id));
         }
         let raft_config = raft_config(&config.timings).validate()?;
+        let signals = Arc::new(election::Signals::default());
+        let network = retired_peers::RetiredPeers::new(network, applied.clone(), signals.clone());
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| NodeStartError::Raft(e.to_string()))?;
@@ -215,6 +227,14 @@ impl Node {
                 .await
                 .map_err(|e| NodeStartError::Raft(e.to_string()))?;
         }
+        let stopping = Arc::new(AtomicBool::new(false));
+        tokio::spawn(election::nudge(
+            raft.clone(),
+            config.node_id,
+            config.timings,
+            signals,
+            stopping.clone(),
+        ));
         let (tx, rx) = mpsc::channel(MAX_QUEUED_COMMANDS);
         let proposer = proposer::Proposer {
             applied: applied.clone(),
@@ -231,6 +251,7 @@ impl Node {
             tx,
             raft,
             applied,
+            stopping,
         })
     }
 
@@ -275,6 +296,11 @@ impl Node {
         Ok(f(&self.applied.lock().engine))
     }
 
+    /// Whether this replica's applied state has retired node `id` (removed from the cluster).
+    pub fn knows_retired(&self, id: NodeId) -> bool {
+        self.applied.lock().engine.is_retired(id)
+    }
+
     pub fn id(&self) -> NodeId {
         self.id
     }
@@ -288,13 +314,53 @@ impl Node {
         &self.raft
     }
 
-    /// True when a leader is known, so commands can be decided.
+    /// True when a leader is known and this node's Raft is running, so commands can be decided.
     pub fn is_ready(&self) -> bool {
-        !self.tx.is_closed() && self.raft.metrics().borrow().current_leader.is_some()
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        !self.tx.is_closed() && m.running_state.is_ok() && m.current_leader.is_some()
+    }
+
+    /// Why this node's Raft stopped on its own, if it did.
+    ///
+    /// openraft stops its core for good on a fatal error (a storage error, or one of its own
+    /// races: 0.9.25 reports a closed replication channel as a snapshot read error when a
+    /// leader steps down while a snapshot is being sent). The node cannot recover in place: its
+    /// process must exit and be restarted from its data directory, which is intact.
+    pub fn raft_failure(&self) -> Option<String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.raft
+            .metrics()
+            .borrow()
+            .running_state
+            .clone()
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    /// Resolves when this node's Raft stops on its own (never after [`Node::shutdown`]),
+    /// with the reason. `tallyd` exits on it so that its supervisor restarts it.
+    pub async fn raft_failed(&self) -> String {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if let Some(reason) = self.raft_failure() {
+                return reason;
+            }
+            if metrics.changed().await.is_err() {
+                // The core task ended without reporting why (a panic).
+                if !self.stopping.load(Ordering::SeqCst) {
+                    return "raft core ended".to_owned();
+                }
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Stops Raft; pending commands get [`NodeError::Stopped`].
     pub async fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }

@@ -1,0 +1,133 @@
+//! No Raft message goes to a retired node id.
+//!
+//! A removed member's id is retired through the log before the membership change that takes
+//! it out commits (see [`super::membership`]). Incoming messages from a retired id are refused
+//! (`api::raft`), but that alone is one-way: while the retired node is still in the membership,
+//! the leader keeps sending it entries and heartbeats, and if the retired node's term has run
+//! ahead (it was cut off and campaigned), each answer carries that higher vote and deposes the
+//! leader. Every new leader is deposed the same way, so the membership change that would end
+//! it can never commit (found by the simulator: a livelock with no leader for good).
+//!
+//! Wrapping every node's Raft network, this filter answers any message to a retired id as
+//! unreachable without sending it. A retired member is then a silent, dead voter until the
+//! change that removes it commits.
+//!
+//! Architecture invariant: no Raft message flows to or from a retired node id.
+//!
+//! The same wrapper also notes when a vote this node asked for was refused by a peer with a
+//! greater log ([`super::election::Signals`]): a candidate that cannot win then holds back
+//! from the elections [`super::election`] would otherwise start for it.
+
+use std::sync::Arc;
+
+use openraft::error::{Infallible, InstallSnapshotError, RPCError, RaftError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+
+use super::election::Signals;
+use super::raft_types::{NodeId, TypeConfig};
+use super::state_machine::Applied;
+
+type Shared = Arc<parking_lot::Mutex<Applied>>;
+type RpcResult<T, E = Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
+
+/// A Raft network factory whose clients refuse to reach retired ids.
+pub struct RetiredPeers<N> {
+    inner: N,
+    applied: Shared,
+    signals: Arc<Signals>,
+}
+
+impl<N> RetiredPeers<N> {
+    pub fn new(inner: N, applied: Shared, signals: Arc<Signals>) -> Self {
+        RetiredPeers {
+            inner,
+            applied,
+            signals,
+        }
+    }
+}
+
+impl<N: RaftNetworkFactory<TypeConfig>> RaftNetworkFactory<TypeConfig> for RetiredPeers<N> {
+    type Network = Filtered<N::Network>;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        Filtered {
+            inner: self.inner.new_client(target, node).await,
+            target,
+            applied: self.applied.clone(),
+            signals: self.signals.clone(),
+        }
+    }
+}
+
+pub struct Filtered<P> {
+    inner: P,
+    target: NodeId,
+    applied: Shared,
+    signals: Arc<Signals>,
+}
+
+impl<P> Filtered<P> {
+    // The error is openraft's own RPC error type, built only when refusing.
+    #[allow(clippy::result_large_err)]
+    fn refuse<E: std::error::Error>(&self) -> Result<(), RPCError<NodeId, BasicNode, E>> {
+        // Never wait for the apply lock here (a snapshot being serialized holds it): when it is
+        // busy, the message goes out; the filter is for liveness, not safety.
+        let retired = self
+            .applied
+            .try_lock()
+            .is_some_and(|a| a.engine.is_retired(self.target));
+        if retired {
+            return Err(RPCError::Unreachable(Unreachable::from(AnyError::error(
+                format!("node {} was removed from this cluster", self.target),
+            ))));
+        }
+        Ok(())
+    }
+}
+
+impl<P: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for Filtered<P> {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        self.refuse()?;
+        self.inner.append_entries(rpc, option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        self.refuse()?;
+        self.inner.install_snapshot(rpc, option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        self.refuse()?;
+        let ours = rpc.last_log_id;
+        let answer = self.inner.vote(rpc, option).await;
+        if let Ok(resp) = &answer
+            && !resp.vote_granted
+            && resp.last_log_id > ours
+        {
+            self.signals.saw_greater_log();
+        }
+        answer
+    }
+
+    fn backoff(&self) -> Backoff {
+        self.inner.backoff()
+    }
+}
