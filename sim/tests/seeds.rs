@@ -172,6 +172,28 @@ fn regression_seed_18_retired_member_deposes_leaders() {
     assert!(report.stats.membership_changes >= 1, "no member replaced");
 }
 
+/// Finding 5, second half (fixed: a node that applied its own retirement asks for no votes)
+/// — the retired member, cut off from the others' refusals only one way, won the vote of a
+/// lagging member that had not yet applied the retirement; that member's term moved past the
+/// leader's and deposed it, again and again (21 s without a leader after healing).
+#[test]
+fn regression_seed_8577_retired_candidate_moves_a_lagging_member() {
+    let report = regression(8577, 20);
+    assert!(report.stats.membership_changes >= 1, "no member replaced");
+}
+
+/// ...and a retired leader still sends entries: the leader removing itself has to commit that
+/// change. Silenced entirely, it kept leading a cluster it could not reach (seed 1034: no
+/// request acknowledged after healing).
+#[test]
+fn regression_seed_1034_a_leader_removes_itself() {
+    let report = regression(1034, 20);
+    assert!(
+        report.stats.membership_changes >= 2,
+        "the leader was not replaced"
+    );
+}
+
 /// Server finding 6 (fixed: jittered elections while leaderless, `node/election.rs`) —
 /// openraft 0.9 draws a node's election timeout once per process. Four voters mid-replacement,
 /// two behind: the same stale candidate always started first and took the staler one's vote,

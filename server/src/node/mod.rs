@@ -210,7 +210,12 @@ impl Node {
         }
         let raft_config = raft_config(&config.timings).validate()?;
         let signals = Arc::new(election::Signals::default());
-        let network = retired_peers::RetiredPeers::new(network, applied.clone(), signals.clone());
+        let network = retired_peers::RetiredPeers::new(
+            network,
+            config.node_id,
+            applied.clone(),
+            signals.clone(),
+        );
         let raft = Raft::new(config.node_id, Arc::new(raft_config), network, log, sm)
             .await
             .map_err(|e| NodeStartError::Raft(e.to_string()))?;

@@ -9,8 +9,12 @@
 //! it can never commit (found by the simulator: a livelock with no leader for good).
 //!
 //! Wrapping every node's Raft network, this filter answers any message to a retired id as
-//! unreachable without sending it. A retired member is then a silent, dead voter until the
-//! change that removes it commits.
+//! unreachable without sending it, and a node that has applied its own retirement asks for no
+//! votes (a retired candidate still won the vote of a lagging member that had not yet heard of
+//! the retirement, moving it to a higher term, which then deposed the leader — seed 8577). It
+//! still sends entries if it leads: a leader removing itself must commit that change. (Silencing
+//! it entirely left such a leader unable to finish its own removal — seed 1034.) A retired
+//! member is then a silent, dead voter until the change that removes it commits.
 //!
 //! Architecture invariant: no Raft message flows to or from a retired node id.
 //!
@@ -38,14 +42,17 @@ type RpcResult<T, E = Infallible> = Result<T, RPCError<NodeId, BasicNode, RaftEr
 /// A Raft network factory whose clients refuse to reach retired ids.
 pub struct RetiredPeers<N> {
     inner: N,
+    /// This node's own id.
+    me: NodeId,
     applied: Shared,
     signals: Arc<Signals>,
 }
 
 impl<N> RetiredPeers<N> {
-    pub fn new(inner: N, applied: Shared, signals: Arc<Signals>) -> Self {
+    pub fn new(inner: N, me: NodeId, applied: Shared, signals: Arc<Signals>) -> Self {
         RetiredPeers {
             inner,
+            me,
             applied,
             signals,
         }
@@ -59,6 +66,7 @@ impl<N: RaftNetworkFactory<TypeConfig>> RaftNetworkFactory<TypeConfig> for Retir
         Filtered {
             inner: self.inner.new_client(target, node).await,
             target,
+            me: self.me,
             applied: self.applied.clone(),
             signals: self.signals.clone(),
         }
@@ -68,6 +76,7 @@ impl<N: RaftNetworkFactory<TypeConfig>> RaftNetworkFactory<TypeConfig> for Retir
 pub struct Filtered<P> {
     inner: P,
     target: NodeId,
+    me: NodeId,
     applied: Shared,
     signals: Arc<Signals>,
 }
@@ -75,16 +84,22 @@ pub struct Filtered<P> {
 impl<P> Filtered<P> {
     // The error is openraft's own RPC error type, built only when refusing.
     #[allow(clippy::result_large_err)]
-    fn refuse<E: std::error::Error>(&self) -> Result<(), RPCError<NodeId, BasicNode, E>> {
+    fn refuse<E: std::error::Error>(
+        &self,
+        even_if_i_am: bool,
+    ) -> Result<(), RPCError<NodeId, BasicNode, E>> {
         // Never wait for the apply lock here (a snapshot being serialized holds it): when it is
         // busy, the message goes out; the filter is for liveness, not safety.
-        let retired = self
-            .applied
-            .try_lock()
-            .is_some_and(|a| a.engine.is_retired(self.target));
-        if retired {
+        let retired = self.applied.try_lock().and_then(|a| {
+            let me = even_if_i_am.then_some(self.me);
+            [Some(self.target), me]
+                .into_iter()
+                .flatten()
+                .find(|id| a.engine.is_retired(*id))
+        });
+        if let Some(id) = retired {
             return Err(RPCError::Unreachable(Unreachable::from(AnyError::error(
-                format!("node {} was removed from this cluster", self.target),
+                format!("node {id} was removed from this cluster"),
             ))));
         }
         Ok(())
@@ -97,7 +112,7 @@ impl<P: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for Filtered<P> {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>> {
-        self.refuse()?;
+        self.refuse(false)?;
         self.inner.append_entries(rpc, option).await
     }
 
@@ -106,7 +121,7 @@ impl<P: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for Filtered<P> {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
-        self.refuse()?;
+        self.refuse(false)?;
         self.inner.install_snapshot(rpc, option).await
     }
 
@@ -115,7 +130,7 @@ impl<P: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for Filtered<P> {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>> {
-        self.refuse()?;
+        self.refuse(true)?;
         let ours = rpc.last_log_id;
         let answer = self.inner.vote(rpc, option).await;
         if let Ok(resp) = &answer
