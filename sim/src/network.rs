@@ -270,8 +270,9 @@ async fn deliver<R, E, F, Fut>(
         return;
     };
     // As the server's Raft service does: a removed node's messages are refused, so it cannot
-    // disrupt elections or rejoin with its old state.
-    if node.read(|e| e.is_retired(from)).await.unwrap_or(false) {
+    // disrupt elections or rejoin with its old state; and a node that knows itself removed
+    // answers nothing.
+    if node.knows_retired(from) || node.knows_retired(to) {
         if let Some(reply) = reply {
             let _ = reply.send(Err(Undelivered::Down));
         }

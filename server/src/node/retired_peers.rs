@@ -16,6 +16,9 @@
 //! it entirely left such a leader unable to finish its own removal — seed 1034.) A retired
 //! member is then a silent, dead voter until the change that removes it commits.
 //!
+//! Incoming, `api::raft` refuses messages from a retired id, and every message once this node
+//! knows itself retired (its answers — a greater log — held back candidates that could win).
+//!
 //! Architecture invariant: no Raft message flows to or from a retired node id.
 //!
 //! The same wrapper also notes when a vote this node asked for was refused by a peer with a
