@@ -44,7 +44,7 @@ impl Signals {
         *self.greater_log_at.lock() = Some(Instant::now());
     }
 
-    fn greater_log_within(&self, window: Duration) -> bool {
+    pub(crate) fn greater_log_within(&self, window: Duration) -> bool {
         self.greater_log_at
             .lock()
             .is_some_and(|at| at.elapsed() < window)

@@ -149,3 +149,149 @@ impl<P: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for Filtered<P> {
         self.inner.backoff()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use openraft::{LeaderId, Vote};
+
+    use super::*;
+    use crate::engine::{Command, Engine, EngineSettings};
+    use crate::node::raft_types::StoredMembership;
+
+    /// A network whose every RPC is counted and succeeds; votes are granted, or with `ahead`
+    /// refused by a peer whose log is longer than any candidate's.
+    #[derive(Clone, Default)]
+    struct Counting(Arc<AtomicUsize>, bool);
+
+    impl RaftNetworkFactory<TypeConfig> for Counting {
+        type Network = Counting;
+        async fn new_client(&mut self, _target: NodeId, _node: &BasicNode) -> Counting {
+            self.clone()
+        }
+    }
+
+    impl RaftNetwork<TypeConfig> for Counting {
+        async fn append_entries(
+            &mut self,
+            _rpc: AppendEntriesRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(AppendEntriesResponse::Success)
+        }
+
+        async fn install_snapshot(
+            &mut self,
+            _rpc: InstallSnapshotRequest<TypeConfig>,
+            _option: RPCOption,
+        ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+            unreachable!("not used here")
+        }
+
+        async fn vote(
+            &mut self,
+            rpc: VoteRequest<NodeId>,
+            _option: RPCOption,
+        ) -> RpcResult<VoteResponse<NodeId>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            if self.1 {
+                let theirs = openraft::LogId::new(openraft::CommittedLeaderId::new(1, 0), 10);
+                return Ok(VoteResponse::new(rpc.vote, Some(theirs), false));
+            }
+            Ok(VoteResponse::new(rpc.vote, None, true))
+        }
+    }
+
+    fn applied(retired: &[NodeId]) -> Shared {
+        let mut engine = Engine::new(EngineSettings::default());
+        let commands: Vec<Command> = retired
+            .iter()
+            .map(|id| Command::RetireNode { node_id: *id })
+            .collect();
+        engine.apply(0, &commands);
+        Arc::new(parking_lot::Mutex::new(Applied {
+            engine,
+            last_applied: None,
+            membership: StoredMembership::default(),
+        }))
+    }
+
+    fn append() -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        }
+    }
+
+    fn vote() -> VoteRequest<NodeId> {
+        VoteRequest::new(
+            Vote {
+                leader_id: LeaderId::new(2, 1),
+                committed: false,
+            },
+            None,
+        )
+    }
+
+    fn option() -> RPCOption {
+        RPCOption::new(std::time::Duration::from_secs(1))
+    }
+
+    async fn client(
+        me: NodeId,
+        target: NodeId,
+        retired: &[NodeId],
+    ) -> (Filtered<Counting>, Counting) {
+        let inner = Counting::default();
+        let signals = Arc::new(Signals::default());
+        let mut peers = RetiredPeers::new(inner.clone(), me, applied(retired), signals);
+        (peers.new_client(target, &BasicNode::new("x")).await, inner)
+    }
+
+    #[tokio::test]
+    async fn nothing_is_sent_to_a_retired_id() {
+        let (mut c, sent) = client(1, 3, &[3]).await;
+        let refused = c.append_entries(append(), option()).await.unwrap_err();
+        assert!(matches!(refused, RPCError::Unreachable(_)), "{refused:?}");
+        assert!(c.vote(vote(), option()).await.is_err());
+        assert_eq!(sent.0.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn a_retired_node_asks_no_votes_but_a_leader_still_sends_entries() {
+        let (mut c, sent) = client(1, 2, &[1]).await;
+        assert!(c.vote(vote(), option()).await.is_err());
+        assert_eq!(sent.0.load(Ordering::SeqCst), 0);
+        // A leader removing itself must still commit that change.
+        c.append_entries(append(), option()).await.unwrap();
+        assert_eq!(sent.0.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_vote_refused_by_a_greater_log_is_signalled() {
+        let signals = Arc::new(Signals::default());
+        let mut c = Filtered {
+            inner: Counting(Arc::default(), true),
+            target: 2,
+            me: 1,
+            applied: applied(&[]),
+            signals: signals.clone(),
+        };
+        let window = std::time::Duration::from_secs(60);
+        assert!(!signals.greater_log_within(window));
+        c.vote(vote(), option()).await.unwrap();
+        assert!(signals.greater_log_within(window));
+    }
+
+    #[tokio::test]
+    async fn members_talk_freely() {
+        let (mut c, sent) = client(1, 2, &[7]).await;
+        c.append_entries(append(), option()).await.unwrap();
+        c.vote(vote(), option()).await.unwrap();
+        assert_eq!(sent.0.load(Ordering::SeqCst), 2);
+    }
+}
