@@ -383,9 +383,9 @@ impl RaftLogReader<TypeConfig> for SimLogStore {
             Bound::Unbounded => Bound::Unbounded,
         };
         let first = match start {
-            Bound::Included(i) => i,
-            Bound::Excluded(i) => i + 1,
-            Bound::Unbounded => g.live.entries.keys().next().copied().unwrap_or(0),
+            Bound::Included(i) => Some(i),
+            Bound::Excluded(i) => Some(i + 1),
+            Bound::Unbounded => None,
         };
         // As the production store: only the run from the range's start, without gaps.
         Ok(tally_server::node::log_store::contiguous_from(

@@ -269,10 +269,8 @@ async fn deliver<R, E, F, Fut>(
         }
         return;
     };
-    // As the server's Raft service does: a removed node's messages are refused, so it cannot
-    // disrupt elections or rejoin with its old state; and a node that knows itself removed
-    // answers nothing.
-    if node.knows_retired(from) || node.knows_retired(to) {
+    // What the server's Raft service refuses (a removed sender, or a removed self).
+    if node.refuses_raft_from(Some(from)).is_some() {
         if let Some(reply) = reply {
             let _ = reply.send(Err(Undelivered::Down));
         }

@@ -30,25 +30,14 @@ impl RaftService {
     }
 
     async fn refuse_retired(&self, vote: &openraft::Vote<u64>) -> Result<(), Status> {
-        let Some(node) = &self.node else {
-            return Ok(());
-        };
-        // A retired node takes no part any more: its answers (a greater log, say) would only
-        // hold back candidates that can win (simulator, seed 1676).
-        if node.knows_retired(node.id()) {
-            return Err(Status::permission_denied(
-                "this node was removed from the cluster",
-            ));
+        let refusal = self
+            .node
+            .as_ref()
+            .and_then(|node| node.refuses_raft_from(vote.leader_id().voted_for()));
+        match refusal {
+            Some(why) => Err(Status::permission_denied(why)),
+            None => Ok(()),
         }
-        let Some(sender) = vote.leader_id().voted_for() else {
-            return Ok(());
-        };
-        if node.read(|e| e.is_retired(sender)).await.unwrap_or(false) {
-            return Err(Status::permission_denied(format!(
-                "node {sender} was removed from this cluster"
-            )));
-        }
-        Ok(())
     }
 }
 

@@ -414,28 +414,20 @@ impl Shared {
             .blocking(move |log| log.read(start, end).collect::<io::Result<Vec<_>>>())
             .await
             .map_err(|e| storage_error(ErrorSubject::LogIndex(start), ErrorVerb::Read, e))?;
-        // Decoded here, off the lock. Only the run from `start` without a gap (see
-        // `contiguous_from`); from the first entry when the range has no start.
-        let anchor = if start == 0 {
-            raw.first().map_or(0, |(id, _)| id.0.index)
-        } else {
-            start
-        };
+        // Decoded here, off the lock.
         let mut entries = Vec::with_capacity(raw.len());
         for (WalLogId(log_id), payload) in raw {
-            if log_id.index != anchor + entries.len() as u64 {
-                break;
-            }
             match payload.decode_payload() {
                 Ok(payload) => entries.push(Entry { log_id, payload }),
                 Err(e) => return Err(storage_error(ErrorSubject::Log(log_id), ErrorVerb::Read, e)),
             }
         }
-        Ok(entries)
+        Ok(contiguous_from((start > 0).then_some(start), entries))
     }
 }
 
-/// The entries of `entries` (in index order) that continue without a gap from `start`.
+/// The entries of `entries` (in index order) that continue without a gap from `start` (from
+/// the first entry when the read range has no start).
 ///
 /// openraft 0.9 sends whatever a range read returns, and its follower appends it after the
 /// request's `prev_log_id` without checking that the first entry follows it. A read racing a
@@ -443,9 +435,12 @@ impl Shared {
 /// hole into a follower's log, which then could neither apply nor restart (found by the
 /// simulator, seed 6323). A read returns the prefix of its range that exists, or nothing;
 /// openraft treats nothing as a heartbeat and retries.
-pub fn contiguous_from(start: u64, entries: impl IntoIterator<Item = Entry>) -> Vec<Entry> {
+pub fn contiguous_from(start: Option<u64>, entries: impl IntoIterator<Item = Entry>) -> Vec<Entry> {
+    let mut entries = entries.into_iter().peekable();
+    let Some(start) = start.or_else(|| entries.peek().map(|e| e.log_id.index)) else {
+        return Vec::new();
+    };
     entries
-        .into_iter()
         .enumerate()
         .take_while(|(i, e)| e.log_id.index == start + *i as u64)
         .map(|(_, e)| e)

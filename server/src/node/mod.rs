@@ -306,6 +306,21 @@ impl Node {
         self.applied.lock().engine.is_retired(id)
     }
 
+    /// Why an incoming Raft message from `sender` is refused, if it is: the sender was
+    /// removed (so it cannot disrupt elections or rejoin with its old state), or this node was
+    /// (it takes no part any more: its answers, a greater log say, would only hold back
+    /// candidates that can win — simulator, seed 1676). The Raft service and the simulator's
+    /// router both ask this.
+    pub fn refuses_raft_from(&self, sender: Option<NodeId>) -> Option<String> {
+        let engine = &self.applied.lock().engine;
+        if engine.is_retired(self.id) {
+            return Some("this node was removed from the cluster".to_owned());
+        }
+        sender
+            .filter(|s| engine.is_retired(*s))
+            .map(|s| format!("node {s} was removed from this cluster"))
+    }
+
     pub fn id(&self) -> NodeId {
         self.id
     }
