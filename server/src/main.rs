@@ -90,15 +90,16 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=MAX_BATCH_COMMANDS as u64))]
     batch_max_commands: u64,
 
-    /// How long a batch waits for more commands after its first, in microseconds. 0 (the
-    /// default) takes whatever is queued: commands arriving while a batch applies form the
-    /// next one, so batching needs no added latency.
+    /// How long a batch waits for more commands after its first, in microseconds, even when
+    /// it could be proposed. 0 (the default) proposes as soon as the pipeline has room:
+    /// commands arriving while it is full join the waiting batch, so batching needs no added
+    /// latency.
     #[arg(long, env = "TALLY_BATCH_LINGER_US", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     batch_linger_us: u64,
 
     /// Batches in flight (proposed, not yet committed) at most. Commands arriving while the
-    /// pipeline is full form the next, larger batch, so one fsync and one replication round
+    /// pipeline is full join the next, larger batch, so one fsync and one replication round
     /// trip serve them all.
     #[arg(long, env = "TALLY_BATCH_MAX_INFLIGHT", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(1..=MAX_INFLIGHT_BATCHES as u64))]

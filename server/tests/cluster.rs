@@ -376,8 +376,8 @@ async fn a_removed_node_never_rejoins_and_a_new_one_is_added_under_load() {
 
 /// `fast` limits are answered from the leader's speculative state before commit; `strict`
 /// ones only after. A leader cut off from its followers shows the difference: it answers fast
-/// requests until its in-flight window (the documented loss bound) is full, while strict ones
-/// get UNAVAILABLE.
+/// requests until its in-flight window and the batch being gathered (the documented loss
+/// bound) are full, while strict ones get UNAVAILABLE.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fast_limits_answer_before_commit_and_strict_ones_wait() {
     let mixed = r#"
@@ -403,8 +403,10 @@ domains:
         },
         ..base()
     };
-    // A window of four uncommitted batches: the bound on what fast acks can lose.
+    // A window of four uncommitted batches plus the one being gathered, of two commands at
+    // most: the bound on what fast acks can lose.
     config.batch.max_inflight_batches = 4;
+    config.batch.max_batch_commands = 2;
     let mut c = Cluster::three(config, Arc::new(ManualClock::new(T0_MS))).await;
     let leader = c.leader(None).await as usize;
     // Give the new term's speculative engine a committed batch to start from.
@@ -433,7 +435,22 @@ domains:
             .expect("fast limits answer without quorum");
         assert_eq!(code(&answer.into_inner()), expected);
     }
-    // The in-flight window is full: even a fast request now waits for a commit.
+    // The in-flight window is full (four one-command batches): the next batch gathers
+    // commands and answers fast ones at once, up to its two commands...
+    for _ in 0..2 {
+        let mut r = tonic::Request::new(req(
+            "test",
+            vec![desc(&[("kind", "fast"), ("user", "g")])],
+            0,
+        ));
+        deadline(&mut r);
+        let answer = rls
+            .should_rate_limit(r)
+            .await
+            .expect("the gathering batch answers fast limits");
+        assert_eq!(code(&answer.into_inner()), Code::Ok);
+    }
+    // ...and once it is full, even a fast request waits for a commit.
     let mut r = tonic::Request::new(req(
         "test",
         vec![desc(&[("kind", "fast"), ("user", "g")])],

@@ -894,9 +894,15 @@ proptest! {
     #![proptest_config(config(128))]
 
     /// Two engines fed the same batches give the same outcomes and snapshot bytes after every
-    /// batch; an engine restored from a mid-way snapshot and fed the rest agrees with both.
+    /// batch — one whole, one in two parts (`apply_part` twice, then `end_batch`, as the
+    /// leader's speculative engine does); an engine restored from a mid-way snapshot and fed the
+    /// rest agrees with both.
     #[test]
-    fn apply_is_deterministic_across_restore(scenario in scenario_strategy(), cut in any::<Index>()) {
+    fn apply_is_deterministic_across_restore(
+        scenario in scenario_strategy(),
+        cut in any::<Index>(),
+        split in any::<Index>(),
+    ) {
         let cut = cut.index(scenario.batches.len() + 1);
         let mut a = Engine::new(scenario.settings);
         let mut b = Engine::new(scenario.settings);
@@ -910,7 +916,10 @@ proptest! {
                 c = Some(restored);
             }
             let out_a = a.apply(*at, commands);
-            let out_b = b.apply(*at, commands);
+            let (head, tail) = commands.split_at(split.index(commands.len() + 1));
+            let mut out_b = b.apply_part(*at, head);
+            out_b.extend(b.apply_part(*at, tail));
+            b.end_batch(commands.len());
             prop_assert_eq!(&out_a, &out_b, "batch {} at {}: {:?}", i, at, commands);
             if let Some(c) = c.as_mut() {
                 let out_c = c.apply(*at, commands);

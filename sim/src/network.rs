@@ -249,7 +249,7 @@ async fn deliver<R, E, F, Fut>(
     from: NodeId,
     to: NodeId,
     delay: Duration,
-    call: Arc<F>,
+    call: Arc<Call<F, R>>,
     reply: Option<Reply<R, E>>,
 ) where
     F: Fn(Raft) -> Fut + Send + Sync + 'static,
@@ -269,19 +269,26 @@ async fn deliver<R, E, F, Fut>(
         }
         return;
     };
-    // What the server's Raft service refuses (a removed sender, or a removed self).
-    if node.refuses_raft_from(Some(from)).is_some() {
-        if let Some(reply) = reply {
-            let _ = reply.send(Err(Undelivered::Down));
+    // What the server's Raft service refuses (a removed sender, or a removed self), and what
+    // it answers instead, if anything.
+    let answer = if node.refuses_raft_from(Some(from)).is_some() {
+        match (call.refused)(&node) {
+            Some(r) => Ok(r),
+            None => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(Undelivered::Down));
+                }
+                return;
+            }
         }
-        return;
-    }
-    let raft = node.raft().clone();
-    drop(node);
-    let answer = match call(raft).await {
-        Ok(r) => Ok(r),
-        Err(RaftError::Fatal(_)) => Err(Undelivered::Down),
-        Err(e) => Err(Undelivered::Remote(e)),
+    } else {
+        let raft = node.raft().clone();
+        drop(node);
+        match (call.send)(raft).await {
+            Ok(r) => Ok(r),
+            Err(RaftError::Fatal(_)) => Err(Undelivered::Down),
+            Err(e) => Err(Undelivered::Remote(e)),
+        }
     };
     if !router.alive(to, epoch) {
         // The target crashed while handling it: no answer leaves a dead process.
@@ -305,6 +312,15 @@ async fn deliver<R, E, F, Fut>(
     let _ = reply.send(answer);
 }
 
+type Refused<R> = Box<dyn Fn(&Node) -> Option<R> + Send + Sync>;
+
+/// One Raft RPC: how the target's Raft handles it, and what the target's Raft service
+/// answers instead when it refuses the sender (`None`: nothing, as for an unreachable node).
+struct Call<F, R> {
+    send: F,
+    refused: Refused<R>,
+}
+
 /// Sends one Raft RPC through the router and waits for its answer at most `ttl`.
 async fn rpc<R, E, F, Fut>(
     router: &Arc<Router>,
@@ -312,7 +328,7 @@ async fn rpc<R, E, F, Fut>(
     to: NodeId,
     action: RPCTypes,
     ttl: Duration,
-    call: F,
+    call: Call<F, R>,
 ) -> Result<R, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
 where
     F: Fn(Raft) -> Fut + Send + Sync + 'static,
@@ -406,15 +422,19 @@ impl RaftNetwork<TC> for SimPeer {
         rpc_req: AppendEntriesRequest<TC>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let vote = rpc_req.vote;
         rpc(
             &self.router,
             self.from,
             self.target,
             RPCTypes::AppendEntries,
             option.hard_ttl(),
-            move |raft: Raft| {
-                let req = rpc_req.clone();
-                async move { raft.append_entries(req).await }
+            Call {
+                send: move |raft: Raft| {
+                    let req = rpc_req.clone();
+                    async move { raft.append_entries(req).await }
+                },
+                refused: Box::new(move |node: &Node| node.higher_vote_for_retired_leader(&vote)),
             },
         )
         .await
@@ -435,9 +455,12 @@ impl RaftNetwork<TC> for SimPeer {
             self.target,
             RPCTypes::InstallSnapshot,
             option.hard_ttl(),
-            move |raft: Raft| {
-                let req = rpc_req.clone();
-                async move { raft.install_snapshot(req).await }
+            Call {
+                send: move |raft: Raft| {
+                    let req = rpc_req.clone();
+                    async move { raft.install_snapshot(req).await }
+                },
+                refused: Box::new(|_: &Node| None),
             },
         )
         .await;
@@ -458,9 +481,12 @@ impl RaftNetwork<TC> for SimPeer {
             self.target,
             RPCTypes::Vote,
             option.hard_ttl(),
-            move |raft: Raft| {
-                let req = rpc_req.clone();
-                async move { raft.vote(req).await }
+            Call {
+                send: move |raft: Raft| {
+                    let req = rpc_req.clone();
+                    async move { raft.vote(req).await }
+                },
+                refused: Box::new(|_: &Node| None),
             },
         )
         .await

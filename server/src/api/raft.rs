@@ -84,6 +84,11 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<RaftPayload>, Status> {
         let rpc: openraft::raft::AppendEntriesRequest<crate::node::raft_types::TypeConfig> =
             decode(request, "AppendEntriesRequest")?;
+        if let Some(answer) =
+            (self.node.as_ref()).and_then(|n| n.higher_vote_for_retired_leader(&rpc.vote))
+        {
+            return encode(&Ok::<_, openraft::error::RaftError<u64>>(answer));
+        }
         self.refuse_retired(&rpc.vote).await?;
         encode(&self.raft.append_entries(rpc).await)
     }

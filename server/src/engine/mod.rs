@@ -102,18 +102,33 @@ impl Engine {
 
     /// Applies a batch stamped `batch_ms` (Unix ms) and returns one outcome per command.
     pub fn apply(&mut self, batch_ms: i64, commands: &[Command]) -> Vec<Outcome> {
+        let outcomes = self.apply_part(batch_ms, commands);
+        self.end_batch(commands.len());
+        outcomes
+    }
+
+    /// The first half of [`Engine::apply`], for a leader that answers a batch's commands as
+    /// they arrive: `apply_part` over consecutive parts of one batch, all with the batch's
+    /// stamp, then one `end_batch` with the whole batch's length, leaves the engine exactly as
+    /// one `apply` of the whole batch does (same outcomes, same state).
+    pub fn apply_part(&mut self, batch_ms: i64, commands: &[Command]) -> Vec<Outcome> {
         let now_ms = batch_ms.clamp(self.last_ms, calendar::MAX_TIME_MS);
         self.last_ms = now_ms;
         let outcomes: Vec<Outcome> = commands.iter().map(|c| self.apply_one(c, now_ms)).collect();
-        let budget = SWEEP_PER_BATCH + SWEEP_PER_COMMAND * commands.len();
+        self.applied_commands += commands.len() as u64;
+        assert_eq!(outcomes.len(), commands.len(), "one outcome per command");
+        outcomes
+    }
+
+    /// The second half of [`Engine::apply`]: the batch's reclamation step, at the batch's time.
+    pub fn end_batch(&mut self, batch_commands: usize) {
+        let now_ms = self.last_ms;
+        let budget = SWEEP_PER_BATCH + SWEEP_PER_COMMAND * batch_commands;
         let registry = &self.registry;
         self.counters.sweep(budget, |key, state| {
             decide::reclaimable(registry, key, state, now_ms)
         });
         self.applied_batches += 1;
-        self.applied_commands += commands.len() as u64;
-        assert_eq!(outcomes.len(), commands.len(), "one outcome per command");
-        outcomes
     }
 
     fn apply_one(&mut self, command: &Command, now_ms: i64) -> Outcome {

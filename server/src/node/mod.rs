@@ -53,11 +53,12 @@ pub const MAX_BATCH_COMMANDS: usize = 65_536;
 pub struct BatchConfig {
     /// Most commands in one batch.
     pub max_batch_commands: usize,
-    /// How long a batch waits for more commands after its first. Zero: take what is queued
-    /// and go (commands that arrive while earlier batches are in flight form the next one).
+    /// How long a batch waits for more commands after its first, even when it could be
+    /// proposed. Zero: propose once the pipeline has room (commands that arrive while it is
+    /// full join the waiting batch).
     pub batch_linger: Duration,
     /// Batches proposed and not yet committed, at most (1..=[`proposer::MAX_INFLIGHT_BATCHES`]).
-    /// Commands arriving while the pipeline is full wait and form the next, larger batch.
+    /// Commands arriving while the pipeline is full join the next, larger batch.
     pub max_inflight_batches: usize,
 }
 
@@ -319,6 +320,27 @@ impl Node {
         sender
             .filter(|s| engine.is_retired(*s))
             .map(|s| format!("node {s} was removed from this cluster"))
+    }
+
+    /// How to answer an AppendEntries that [`Node::refuses_raft_from`] refuses, when its
+    /// sender was removed but still leads: it cannot apply its own retirement (no member that
+    /// applied it acknowledges it), so it would lead for ever, and members that have not yet
+    /// applied the retirement would keep following it instead of electing a leader (simulator,
+    /// seed 8885: no leader for 40 s). Told of this node's higher vote, it steps down. `None`:
+    /// refuse the message as usual (this node holds no higher vote, or is retired itself).
+    pub fn higher_vote_for_retired_leader(
+        &self,
+        leader_vote: &raft_types::Vote,
+    ) -> Option<openraft::raft::AppendEntriesResponse<NodeId>> {
+        let sender = leader_vote.leader_id().voted_for()?;
+        {
+            let engine = &self.applied.lock().engine;
+            if !engine.is_retired(sender) || engine.is_retired(self.id) {
+                return None;
+            }
+        }
+        let ours = self.raft.metrics().borrow().vote;
+        (ours > *leader_vote).then_some(openraft::raft::AppendEntriesResponse::HigherVote(ours))
     }
 
     pub fn id(&self) -> NodeId {

@@ -2,20 +2,21 @@
 //!
 //! On the leader a batch is stamped with `max(last_stamp, now)` and handed to openraft with
 //! `client_write_ff`, in order; up to `max_inflight_batches` batches are in flight at once
-//! (default 1: commands arriving while a batch commits form the next one, so one fsync and one
-//! replication round trip serve them all — measured far better than pipelining small batches,
-//! whose commits each wait for their own fsync). Each
-//! caller gets the outcome of its own command when its batch has been committed and applied.
+//! (default 1). While the pipeline is full the next batch keeps gathering every command that
+//! arrives, so one fsync and one replication round trip serve them all — measured far better
+//! than pipelining small batches, whose commits each wait for their own fsync. Each caller
+//! gets the outcome of its own command when its batch has been committed and applied.
 //! On a follower the batch is forwarded to the leader (one hop, never further).
 //!
 //! `fast` acknowledgement: the leader keeps a speculative engine, a copy of the applied engine
-//! to which every batch is applied as it is proposed, so it always equals the applied state
-//! plus the batches in flight. A decision whose counters all belong to `fast` limits is
-//! answered from it at once; the rest wait for commit. The copy is made when a term starts,
-//! once the log is fully applied and nothing is in flight, and dropped whenever a write fails
-//! or leadership moves. A leader crash loses at most the in-flight batches
-//! (`max_inflight_batches` × `max_batch_commands` commands) of fast-acknowledged hits: the
-//! counters then hold fewer hits than were admitted, never more.
+//! to which every command is applied as it joins a batch, so it always equals the applied
+//! state plus the batches in flight plus the batch being gathered. A decision whose counters
+//! all belong to `fast` limits is answered from it at once — before the batch is proposed;
+//! the rest wait for commit. The copy is made when a term starts, once the log is fully
+//! applied and nothing is in flight, and dropped whenever a write fails or leadership moves.
+//! A leader crash loses at most the in-flight batches plus the one being gathered
+//! ((`max_inflight_batches` + 1) × `max_batch_commands` commands) of fast-acknowledged hits:
+//! the counters then hold fewer hits than were admitted, never more.
 
 use std::sync::Arc;
 
@@ -39,6 +40,9 @@ const SPECULATION_SYNC_WAIT: Duration = Duration::from_secs(1);
 const COMMIT_WAIT_MAX: Duration = Duration::from_secs(5);
 /// How long after a failed attempt the proposer tries speculation again.
 const SPECULATION_RETRY: Duration = Duration::from_secs(1);
+/// Most Raft entries (distinct batch times) one gathered batch is cut into; past it the batch
+/// takes no more commands until it is proposed.
+const MAX_PARTS_PER_BATCH: usize = 64;
 
 /// Upper bound of `--batch-max-inflight`: batches proposed and not yet answered.
 pub const MAX_INFLIGHT_BATCHES: usize = 32;
@@ -48,6 +52,8 @@ pub const MAX_INFLIGHT_BATCHES: usize = 32;
 pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 
 pub(super) type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
+/// Answers given from the speculative engine before commit: (index in the batch, outcome).
+type EarlyAnswers = Vec<(usize, Outcome)>;
 
 /// A command waiting for a batch.
 pub(super) struct Proposal {
@@ -61,7 +67,8 @@ struct Pending {
     bytes: usize,
     commands: Vec<Command>,
     forwardable: Vec<bool>,
-    replies: Vec<Reply>,
+    /// `None` once the caller has been answered early from the speculative engine.
+    replies: Vec<Option<Reply>>,
 }
 
 impl Pending {
@@ -83,7 +90,7 @@ impl Pending {
         self.bytes = self.bytes.saturating_add(p.command.estimated_bytes());
         self.commands.push(p.command);
         self.forwardable.push(p.forwardable);
-        self.replies.push(p.reply);
+        self.replies.push(Some(p.reply));
     }
 
     fn len(&self) -> usize {
@@ -94,9 +101,118 @@ impl Pending {
         self.commands.is_empty()
     }
 
+    fn has_room(&self, config: BatchConfig) -> bool {
+        self.len() < config.max_batch_commands && self.bytes < MAX_BATCH_BYTES
+    }
+
     fn fail(self, error: NodeError) {
-        for reply in self.replies {
-            let _ = reply.send(Err(error.clone()));
+        fail_all(self.replies, &error);
+    }
+}
+
+fn fail_all(replies: Vec<Option<Reply>>, error: &NodeError) {
+    for reply in replies.into_iter().flatten() {
+        let _ = reply.send(Err(error.clone()));
+    }
+}
+
+/// The next batch, gathering commands while the batches before it are in flight.
+///
+/// While a speculative engine answers, the batch is cut into parts, one per batch time: a
+/// command is applied at the time it arrived (to the millisecond), never at the earlier stamp
+/// of the command that opened the batch. Each part becomes one Raft entry; all of them are
+/// proposed together and hold one in-flight permit.
+struct Group {
+    pending: Pending,
+    /// Answers given early from the speculative engine: (index in the batch, outcome).
+    early: Vec<(usize, Outcome)>,
+    /// (first command, stamp) of each part the speculative engine has applied, in order.
+    /// Commands after the last part's range that it has not seen form one more part, stamped
+    /// when proposed.
+    parts: Vec<(usize, i64)>,
+    /// Commands already offered to the speculative engine.
+    seen: usize,
+    opened: tokio::time::Instant,
+}
+
+impl Group {
+    fn has_room(&self, config: BatchConfig) -> bool {
+        self.pending.has_room(config) && self.parts.len() < MAX_PARTS_PER_BATCH
+    }
+
+    /// One Raft entry per part: (entry, its callers, its early answers indexed in the entry).
+    fn into_entries(self) -> Vec<(Batch, Vec<Option<Reply>>, EarlyAnswers)> {
+        let mut entries = Vec::with_capacity(self.parts.len());
+        let mut commands = self.pending.commands;
+        let mut replies = self.pending.replies;
+        let mut early = self.early;
+        for &(start, stamp_ms) in self.parts.iter().rev() {
+            let part_early = early.split_off(early.partition_point(|(i, _)| *i < start));
+            let part_early = part_early
+                .into_iter()
+                .map(|(i, o)| (i - start, o))
+                .collect();
+            let entry = Batch {
+                stamp_ms,
+                commands: commands.split_off(start),
+            };
+            entries.push((entry, replies.split_off(start), part_early));
+        }
+        entries.reverse();
+        entries
+    }
+
+    /// The speculative engine that answered part of this batch was dropped (a write failed or
+    /// leadership moved) before the batch could be proposed. Its early answers were given
+    /// against a state the log may no longer reach, so those commands are not proposed: their
+    /// hits are lost (within the fast bound; counters under-count, never over-count). The
+    /// rest were answered by no one yet and go in as one part, stamped when proposed.
+    fn abandon_speculation(&mut self) {
+        let answered = self.early.len();
+        let p = &mut self.pending;
+        let keep: Vec<bool> = p.replies.iter().map(Option::is_some).collect();
+        let mut kept = keep.iter();
+        p.commands
+            .retain(|_| *kept.next().expect("one flag per command"));
+        let mut kept = keep.iter();
+        p.forwardable
+            .retain(|_| *kept.next().expect("one flag per command"));
+        p.replies.retain(Option::is_some);
+        self.early.clear();
+        self.parts.clear();
+        self.seen = 0;
+        tracing::debug!(
+            answered,
+            "early answers of an unproposed batch lost with speculation"
+        );
+    }
+}
+
+/// What the run loop carries from batch to batch.
+struct LoopState {
+    inflight: Arc<Semaphore>,
+    /// Set by a batch whose commit failed or disagreed with its early answers.
+    broken: Arc<AtomicBool>,
+    spec: Option<Speculative>,
+    /// When the next attempt to build a speculative engine may be made.
+    next_attempt: tokio::time::Instant,
+    last_stamp_ms: i64,
+}
+
+impl LoopState {
+    /// Time never goes back: a clock stepped backwards stamps the last stamp again.
+    fn next_stamp(&mut self, clock: &dyn Clock) -> i64 {
+        self.last_stamp_ms = clock.now_ms().max(self.last_stamp_ms);
+        self.last_stamp_ms
+    }
+
+    /// Drops the speculative engine when a batch failed or leadership moved.
+    fn check_speculation(&mut self, leader: Option<NodeId>, id: NodeId, term: u64) {
+        if self.broken.swap(false, Ordering::SeqCst)
+            || leader != Some(id)
+            || self.spec.as_ref().is_some_and(|s| s.term != term)
+        {
+            self.spec = None;
         }
     }
 }
@@ -112,105 +228,177 @@ pub(super) struct Proposer {
 
 impl Proposer {
     /// Runs until every sender of `rx` is gone or Raft stops.
+    ///
+    /// One batch is gathered at a time: it takes commands (answering fast ones at once) until
+    /// an in-flight permit is free and the linger has passed, then it is proposed whole. So
+    /// every command that arrives while the pipeline is full shares the next commit, and at
+    /// most one batch is answered but not yet proposed.
     pub(super) async fn run(self, mut rx: mpsc::Receiver<Proposal>) {
-        let window = self.config.max_inflight_batches;
-        let inflight = Arc::new(Semaphore::new(window));
-        let broken = Arc::new(AtomicBool::new(false));
-        let mut spec: Option<Speculative> = None;
-        // When the next attempt to build a speculative engine may be made.
-        let mut next_attempt = tokio::time::Instant::now();
-        let mut last_stamp_ms = i64::MIN;
-        while let Some(first) = rx.recv().await {
-            let mut batch = Pending::with_capacity(self.config.max_batch_commands);
-            batch.push(first);
-            fill(&mut rx, &mut batch, self.config).await;
-            if batch.is_empty() {
+        let config = self.config;
+        let mut st = LoopState {
+            inflight: Arc::new(Semaphore::new(config.max_inflight_batches)),
+            broken: Arc::new(AtomicBool::new(false)),
+            spec: None,
+            next_attempt: tokio::time::Instant::now(),
+            last_stamp_ms: i64::MIN,
+        };
+        let mut group: Option<Group> = None;
+        let mut open = true;
+        loop {
+            let g = match group.as_mut() {
+                Some(g) => g,
+                None => {
+                    let Some(first) = (if open { rx.recv().await } else { None }) else {
+                        return;
+                    };
+                    self.refresh_speculation(&mut st).await;
+                    let mut pending = Pending::with_capacity(config.max_batch_commands);
+                    pending.push(first);
+                    group.insert(Group {
+                        pending,
+                        early: Vec::new(),
+                        parts: Vec::new(),
+                        seen: 0,
+                        opened: tokio::time::Instant::now(),
+                    })
+                }
+            };
+            while open && g.has_room(config) {
+                match rx.try_recv() {
+                    Ok(p) => g.pending.push(p),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            if g.pending.is_empty() {
                 // Every caller gave up while queued: nothing to propose.
+                group = None;
                 continue;
             }
-            let (leader, term) = self.leadership();
-            let stale = spec.as_ref().is_none_or(|s| s.term != term);
-            if leader == Some(self.id) && stale && tokio::time::Instant::now() >= next_attempt {
-                // Only worth a copy of the engine (and a drained pipeline) when some limit is
-                // fast; a failed attempt is not retried for a while, so a lagging apply cannot
-                // stall every batch.
-                spec = None;
-                if self.applied.lock().engine.has_fast_limits() {
-                    spec = self.speculate(term, &inflight, window).await;
-                    if spec.is_none() {
-                        next_attempt = tokio::time::Instant::now() + SPECULATION_RETRY;
+            self.answer_new(g, &mut st);
+            let linger_until = g.opened + config.batch_linger;
+            let room = open && g.has_room(config);
+            let lingering = room && tokio::time::Instant::now() < linger_until;
+            tokio::select! {
+                biased;
+                permit = st.inflight.clone().acquire_owned(), if !lingering => {
+                    let permit = permit.expect("semaphore never closed");
+                    let g = group.take().expect("a group is being gathered");
+                    if !self.propose(g, permit, &mut st).await {
+                        return;
                     }
                 }
+                p = rx.recv(), if room => match p {
+                    Some(p) => g.pending.push(p),
+                    None => open = false,
+                },
+                _ = tokio::time::sleep_until(linger_until), if lingering => {}
             }
-            let permit = inflight
-                .clone()
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
-            // Decided only now that this batch holds its permit: a batch in flight that failed
-            // while we waited must reset speculation before this one is answered from it.
-            let (leader, term) = self.leadership();
-            if broken.swap(false, Ordering::SeqCst)
-                || leader != Some(self.id)
-                || spec.as_ref().is_some_and(|s| s.term != term)
-            {
-                spec = None;
-            }
-            if leader != Some(self.id) {
-                let forwarder = self.forwarder.clone();
-                let raft = self.raft.clone();
-                tokio::spawn(async move {
-                    forward(&raft, &forwarder, leader, batch).await;
-                    drop(permit);
-                });
-                continue;
-            }
-            // Time never goes back: a clock stepped backwards stamps the last stamp again.
-            let stamp_ms = self.clock.now_ms().max(last_stamp_ms);
-            last_stamp_ms = stamp_ms;
-            let Pending {
-                commands, replies, ..
-            } = batch;
-            let mut replies: Vec<Option<Reply>> = replies.into_iter().map(Some).collect();
-            let early = match spec.as_mut() {
-                Some(s) => answer_fast(&mut s.engine, stamp_ms, &commands, &mut replies),
-                None => Vec::new(),
-            };
-            let entry = Batch { stamp_ms, commands };
-            match self.raft.client_write_ff(entry).await {
-                Ok(responder) => {
-                    let broken = broken.clone();
-                    tokio::spawn(async move {
-                        // openraft 0.9 can leave a deposed leader's responders unresolved:
-                        // bounded, so a lost batch never holds its permit (and the proposer)
-                        // for ever. Its fate is then unknown to its callers.
-                        let ok = match tokio::time::timeout(COMMIT_WAIT_MAX, responder).await {
-                            Ok(result) => settle(result, replies, early),
-                            Err(_) => {
-                                let error = NodeError::Unavailable(
-                                    "no commit within the commit wait bound".into(),
-                                );
-                                for reply in replies.into_iter().flatten() {
-                                    let _ = reply.send(Err(error.clone()));
-                                }
-                                false
-                            }
-                        };
-                        if !ok {
-                            broken.store(true, Ordering::SeqCst);
-                        }
-                        drop(permit);
-                    });
+        }
+    }
+
+    /// Offers the group's new commands to the speculative engine, answering fast ones now.
+    fn answer_new(&self, g: &mut Group, st: &mut LoopState) {
+        if g.seen == g.pending.len() || st.spec.is_none() {
+            return;
+        }
+        let (leader, term) = self.leadership();
+        st.check_speculation(leader, self.id, term);
+        let Some(spec) = st.spec.as_mut() else {
+            return;
+        };
+        // A new part when time has moved since the last one began (the last one is sealed).
+        let stamp_ms = st.last_stamp_ms.max(self.clock.now_ms());
+        match g.parts.last() {
+            Some(&(_, last_ms)) if last_ms >= stamp_ms => {}
+            last => {
+                if let Some(&(start, _)) = last {
+                    spec.engine.end_batch(g.seen - start);
                 }
+                st.last_stamp_ms = stamp_ms;
+                g.parts.push((g.seen, stamp_ms));
+            }
+        }
+        let from = g.seen;
+        let stamp_ms = g.parts.last().expect("a part was just ensured").1;
+        answer_fast(
+            &mut spec.engine,
+            stamp_ms,
+            &g.pending.commands[from..],
+            &mut g.pending.replies[from..],
+        )
+        .into_iter()
+        .for_each(|(i, outcome)| g.early.push((from + i, outcome)));
+        g.seen = g.pending.len();
+    }
+
+    /// At the start of a batch: builds the speculative engine if this node leads a new term
+    /// and some limit is fast. A failed attempt is not retried for a while, so a lagging
+    /// apply cannot stall every batch.
+    async fn refresh_speculation(&self, st: &mut LoopState) {
+        let (leader, term) = self.leadership();
+        let stale = st.spec.as_ref().is_none_or(|s| s.term != term);
+        if leader != Some(self.id) || !stale || tokio::time::Instant::now() < st.next_attempt {
+            return;
+        }
+        st.spec = None;
+        if !self.applied.lock().engine.has_fast_limits() {
+            return;
+        }
+        st.spec = self.speculate(term, st).await;
+        if st.spec.is_none() {
+            st.next_attempt = tokio::time::Instant::now() + SPECULATION_RETRY;
+        }
+    }
+
+    /// Proposes the gathered batch (or forwards it when this node does not lead). Returns
+    /// false when Raft has stopped.
+    async fn propose(
+        &self,
+        mut g: Group,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        st: &mut LoopState,
+    ) -> bool {
+        // Decided only now that this batch holds its permit: a batch in flight that failed
+        // while we waited resets speculation before this one goes into the log.
+        let (leader, term) = self.leadership();
+        st.check_speculation(leader, self.id, term);
+        if st.spec.is_none() && !g.parts.is_empty() {
+            g.abandon_speculation();
+        }
+        if leader != Some(self.id) {
+            let forwarder = self.forwarder.clone();
+            let raft = self.raft.clone();
+            tokio::spawn(async move {
+                forward(&raft, &forwarder, leader, g.pending).await;
+                drop(permit);
+            });
+            return true;
+        }
+        if let (Some(spec), Some(&(start, _))) = (st.spec.as_mut(), g.parts.last()) {
+            spec.engine.end_batch(g.pending.len() - start);
+        }
+        if g.seen < g.pending.len() || g.parts.is_empty() {
+            // Commands the speculative engine never saw: one part, stamped now.
+            g.parts.push((g.seen, st.next_stamp(&*self.clock)));
+        }
+        let parts = g.into_entries();
+        let mut waiting = Vec::with_capacity(parts.len());
+        for (entry, replies, early) in parts {
+            match self.raft.client_write_ff(entry).await {
+                Ok(responder) => waiting.push((responder, replies, early)),
                 Err(fatal) => {
                     tracing::error!(error = %fatal, "raft stopped");
-                    for reply in replies.into_iter().flatten() {
-                        let _ = reply.send(Err(NodeError::Stopped));
+                    fail_all(replies, &NodeError::Stopped);
+                    for (_, replies, _) in waiting {
+                        fail_all(replies, &NodeError::Stopped);
                     }
-                    return;
+                    return false;
                 }
             }
         }
+        tokio::spawn(settle_all(waiting, st.broken.clone(), permit));
+        true
     }
 
     /// Who leads, and in which term, as this node knows it now.
@@ -221,16 +409,15 @@ impl Proposer {
     }
 
     /// Copies the applied engine once the log is applied and nothing of ours is in flight.
-    async fn speculate(
-        &self,
-        term: u64,
-        inflight: &Arc<Semaphore>,
-        window: usize,
-    ) -> Option<Speculative> {
-        let all = inflight
+    async fn speculate(&self, term: u64, st: &LoopState) -> Option<Speculative> {
+        let window = self.config.max_inflight_batches;
+        let all = st
+            .inflight
             .acquire_many(window as u32)
             .await
             .expect("semaphore never closed");
+        // Every batch of ours has settled: a failure among them concerns the old state.
+        st.broken.store(false, Ordering::SeqCst);
         let last_log = self.raft.metrics().borrow().last_log_index;
         let synced = match last_log {
             Some(index) => self
@@ -261,8 +448,8 @@ struct Speculative {
     engine: Engine,
 }
 
-/// Applies the batch to the speculative engine and answers every fast decision at once.
-/// Returns the early answers `(index, outcome)` so the commit can confirm them.
+/// Applies part of a batch to the speculative engine and answers every fast decision at once.
+/// Returns the early answers `(index in the part, outcome)` so the commit can confirm them.
 fn answer_fast(
     engine: &mut Engine,
     stamp_ms: i64,
@@ -270,7 +457,11 @@ fn answer_fast(
     replies: &mut [Option<Reply>],
 ) -> Vec<(usize, Outcome)> {
     let mut early = Vec::new();
-    for (i, outcome) in engine.apply(stamp_ms, commands).into_iter().enumerate() {
+    for (i, outcome) in engine
+        .apply_part(stamp_ms, commands)
+        .into_iter()
+        .enumerate()
+    {
         if matches!(&outcome, Outcome::RateLimit(d) if d.fast)
             && let Some(reply) = replies[i].take()
         {
@@ -279,6 +470,44 @@ fn answer_fast(
         }
     }
     early
+}
+
+/// Waits for the entries of one proposed batch, in order, answering their callers, then
+/// releases the batch's in-flight permit. openraft 0.9 can leave a deposed leader's
+/// responders unresolved: the wait is bounded, so a lost batch never holds its permit (and the
+/// proposer) for ever; its callers are then told its fate is unknown.
+async fn settle_all<F, E>(
+    waiting: Vec<(F, Vec<Option<Reply>>, EarlyAnswers)>,
+    broken: Arc<AtomicBool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) where
+    F: std::future::Future<
+            Output = Result<
+                Result<
+                    openraft::raft::ClientWriteResponse<super::raft_types::TypeConfig>,
+                    ClientWriteError<NodeId, openraft::BasicNode>,
+                >,
+                E,
+            >,
+        >,
+    E: std::fmt::Display,
+{
+    let deadline = tokio::time::Instant::now() + COMMIT_WAIT_MAX;
+    let mut ok = true;
+    for (responder, replies, early) in waiting {
+        ok &= match tokio::time::timeout_at(deadline, responder).await {
+            Ok(result) => settle(result, replies, early),
+            Err(_) => {
+                let error = NodeError::Unavailable("no commit within the commit wait bound".into());
+                fail_all(replies, &error);
+                false
+            }
+        };
+    }
+    if !ok {
+        broken.store(true, Ordering::SeqCst);
+    }
+    drop(permit);
 }
 
 /// Hands every caller of a committed batch its own outcome, and checks the early answers
@@ -350,6 +579,9 @@ async fn forward(
         .zip(batch.forwardable)
         .zip(batch.replies)
     {
+        // Commands answered early were taken out when speculation was abandoned (a follower
+        // has none): a second decision by the leader could contradict the answer given.
+        let Some(reply) = reply else { continue };
         if forwardable {
             to_send.push(command);
             waiting.push(reply);
@@ -384,23 +616,69 @@ async fn forward(
     }
 }
 
-/// Adds queued proposals to `batch` up to the bound, lingering if configured.
-async fn fill(rx: &mut mpsc::Receiver<Proposal>, batch: &mut Pending, config: BatchConfig) {
-    let room = |b: &Pending| b.len() < config.max_batch_commands && b.bytes < MAX_BATCH_BYTES;
-    while room(batch) {
-        match rx.try_recv() {
-            Ok(p) => batch.push(p),
-            Err(_) => break,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group_of(n: u64) -> (Group, Vec<oneshot::Receiver<Result<Outcome, NodeError>>>) {
+        let mut pending = Pending::with_capacity(8);
+        let mut receivers = Vec::new();
+        for node_id in 0..n {
+            let (reply, rx) = oneshot::channel();
+            receivers.push(rx);
+            pending.push(Proposal {
+                command: Command::RetireNode { node_id },
+                forwardable: node_id % 2 == 0,
+                reply,
+            });
         }
+        let group = Group {
+            pending,
+            early: Vec::new(),
+            parts: Vec::new(),
+            seen: 0,
+            opened: tokio::time::Instant::now(),
+        };
+        (group, receivers)
     }
-    if config.batch_linger.is_zero() {
-        return;
-    }
-    let deadline = tokio::time::Instant::now() + config.batch_linger;
-    while room(batch) {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(p)) => batch.push(p),
-            Ok(None) | Err(_) => break,
+
+    #[tokio::test]
+    async fn abandoned_speculation_drops_answered_commands_and_keeps_the_rest_in_order() {
+        let (mut g, _receivers) = group_of(5);
+        // Commands 1 and 3 were answered early, in two parts.
+        for i in [1, 3] {
+            let reply = g.pending.replies[i].take().expect("not yet answered");
+            let _ = reply.send(Ok(Outcome::Configured));
+            g.early.push((i, Outcome::Configured));
         }
+        g.parts = vec![(0, 10), (2, 11)];
+        g.seen = 5;
+        g.abandon_speculation();
+        let ids: Vec<u64> = g
+            .pending
+            .commands
+            .iter()
+            .map(|c| match c {
+                Command::RetireNode { node_id } => *node_id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, vec![0, 2, 4]);
+        assert_eq!(g.pending.forwardable, vec![true, true, true]);
+        assert!(g.pending.replies.iter().all(Option::is_some));
+        assert!(g.early.is_empty() && g.parts.is_empty());
+        assert_eq!(g.seen, 0, "the rest is stamped when proposed");
+    }
+
+    #[tokio::test]
+    async fn a_batch_takes_no_more_commands_past_its_parts_bound() {
+        let config = BatchConfig::default();
+        let (mut g, _receivers) = group_of(1);
+        g.parts = (0..MAX_PARTS_PER_BATCH - 1)
+            .map(|i| (0, i as i64))
+            .collect();
+        assert!(g.has_room(config));
+        g.parts.push((0, MAX_PARTS_PER_BATCH as i64));
+        assert!(!g.has_room(config));
     }
 }

@@ -18,6 +18,10 @@
 //!
 //! Incoming, `api::raft` refuses messages from a retired id, and every message once this node
 //! knows itself retired (its answers — a greater log — held back candidates that could win).
+//! Entries from a retired id that still leads are answered with this node's higher vote, if it
+//! holds one ([`super::Node::higher_vote_for_retired_leader`]): such a leader cannot commit or
+//! apply its own retirement any more, and would otherwise lead — and hold the members that have
+//! not applied it yet — for ever (seed 8885).
 //!
 //! Architecture invariant: no Raft message flows to or from a retired node id.
 //!
