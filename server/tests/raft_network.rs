@@ -389,7 +389,7 @@ fn batch(stamp_ms: i64) -> Batch {
     } else {
         vec![]
     };
-    Batch { stamp_ms, commands }
+    Batch::new(stamp_ms, commands)
 }
 
 async fn write(leader: &TestNode, stamp_ms: i64) -> LogId {
@@ -631,15 +631,15 @@ fn errors_map_to_unreachable_timeout_and_remote() {
         // to send fewer entries, or (one entry alone too big) to back off.
         let big = |index: u64| Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 9), index),
-            payload: EntryPayload::Normal(Batch {
-                stamp_ms: 0,
-                commands: vec![Command::RateLimit(RateLimitCommand {
+            payload: EntryPayload::Normal(Batch::new(
+                0,
+                vec![Command::RateLimit(RateLimitCommand {
                     domain: "x".repeat(MAX_RAFT_MESSAGE_BYTES / 2),
                     descriptors: vec![],
                     hits: 1,
                     mode: Mode::Enforce,
                 })],
-            }),
+            )),
         };
         let append = |entries: Vec<Entry>| AppendEntriesRequest {
             vote: Vote::new_committed(1, 9),

@@ -64,9 +64,18 @@ impl Replay {
             }
             expected = Some(index + 1);
             if let Some(batch) = &entry.batch {
-                let outcomes = engine.apply(batch.stamp_ms, &batch.commands);
-                let applied_ms = engine.last_ms();
-                for (command, outcome) in batch.commands.iter().zip(outcomes) {
+                let mut applied = Vec::with_capacity(batch.commands.len());
+                for (stamp_ms, commands) in batch.parts() {
+                    let outcomes = engine.apply(stamp_ms, commands);
+                    let applied_ms = engine.last_ms();
+                    applied.extend(
+                        commands
+                            .iter()
+                            .zip(outcomes)
+                            .map(|(c, o)| (c, o, applied_ms)),
+                    );
+                }
+                for (command, outcome, applied_ms) in applied {
                     let rl = match command {
                         Command::RateLimit(rl) => rl,
                         Command::ReplaceLimits(set) => {

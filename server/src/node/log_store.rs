@@ -962,13 +962,13 @@ mod tests {
     fn batch_entry(term: u64, index: u64, value_len: usize) -> Entry {
         Entry {
             log_id: log_id(term, index),
-            payload: EntryPayload::Normal(Batch {
-                stamp_ms: 1_700_000_000_000 + index as i64,
-                commands: vec![
+            payload: EntryPayload::Normal(Batch::new(
+                1_700_000_000_000 + index as i64,
+                vec![
                     command(index, value_len),
                     Command::ReplaceLimits(LimitSet::default()),
                 ],
-            }),
+            )),
         }
     }
 

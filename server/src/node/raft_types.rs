@@ -4,17 +4,63 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{Command, Outcome};
+use crate::engine::{Command, Engine, Outcome};
 
 /// Node ids are never reused: a removed node's id stays retired.
 pub type NodeId = u64;
 
 /// A log entry's payload: a batch of engine commands and the time the leader stamped it with
 /// (`max(last_stamp, now)`, Unix ms). Every replica applies the batch at that time.
+///
+/// A leader that answers fast requests as they arrive cuts the batch into parts, one per
+/// millisecond of arrival, so no command is decided at a time before it arrived: `later`
+/// holds, for each part after the first, the index of its first command and its stamp. Each
+/// part is applied as one engine batch, in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Batch {
     pub stamp_ms: i64,
     pub commands: Vec<Command>,
+    pub later: Vec<(u32, i64)>,
+}
+
+impl Batch {
+    /// A batch of one part.
+    pub fn new(stamp_ms: i64, commands: Vec<Command>) -> Batch {
+        Batch {
+            stamp_ms,
+            commands,
+            later: Vec::new(),
+        }
+    }
+
+    /// The parts, in order: (stamp, commands). Cut points out of order or past the end (a
+    /// damaged entry: peers are trusted, but nothing from the network may panic) cut nothing
+    /// there; every replica reads the same entry the same way.
+    pub fn parts(&self) -> impl Iterator<Item = (i64, &[Command])> {
+        let len = self.commands.len();
+        let mut cuts = Vec::with_capacity(self.later.len() + 2);
+        cuts.push((0, self.stamp_ms));
+        for &(start, stamp_ms) in &self.later {
+            let start = start as usize;
+            // A part holds at least one command: a cut at or past the end is no cut.
+            if start > cuts.last().map_or(0, |c| c.0) && start < len {
+                cuts.push((start, stamp_ms));
+            }
+        }
+        let ends: Vec<usize> = cuts.iter().skip(1).map(|c| c.0).chain([len]).collect();
+        cuts.into_iter()
+            .zip(ends)
+            .map(move |((start, stamp_ms), end)| (stamp_ms, &self.commands[start..end]))
+    }
+
+    /// Applies every part to `engine`; one outcome per command.
+    pub fn apply(&self, engine: &mut Engine) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(self.commands.len());
+        for (stamp_ms, commands) in self.parts() {
+            outcomes.extend(engine.apply(stamp_ms, commands));
+        }
+        outcomes
+    }
 }
 
 /// What applying one log entry returned: one outcome per command of its batch (none for
@@ -44,3 +90,42 @@ pub type StorageError = openraft::StorageError<NodeId>;
 pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(commands: u64, later: Vec<(u32, i64)>) -> Batch {
+        let commands = (0..commands)
+            .map(|node_id| Command::RetireNode { node_id })
+            .collect();
+        Batch {
+            stamp_ms: 10,
+            commands,
+            later,
+        }
+    }
+
+    fn shape(b: &Batch) -> Vec<(i64, usize)> {
+        b.parts().map(|(ms, c)| (ms, c.len())).collect()
+    }
+
+    #[test]
+    fn parts_follow_the_cuts() {
+        assert_eq!(shape(&batch(3, vec![])), vec![(10, 3)]);
+        assert_eq!(
+            shape(&batch(5, vec![(2, 11), (4, 12)])),
+            vec![(10, 2), (11, 2), (12, 1)]
+        );
+        assert_eq!(shape(&batch(0, vec![])), vec![(10, 0)]);
+    }
+
+    #[test]
+    fn damaged_cuts_cut_nothing_and_never_panic() {
+        // Out of order, repeated, at 0 and past the end: every command is applied once, in order.
+        let b = batch(4, vec![(3, 11), (1, 12), (3, 13), (0, 14), (99, 15)]);
+        assert_eq!(shape(&b), vec![(10, 3), (11, 1)]);
+        let total: usize = b.parts().map(|(_, c)| c.len()).sum();
+        assert_eq!(total, 4);
+    }
+}

@@ -201,7 +201,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let outcome = match entry.payload {
                 EntryPayload::Blank => BatchOutcome::default(),
                 EntryPayload::Normal(batch) => BatchOutcome {
-                    outcomes: a.engine.apply(batch.stamp_ms, &batch.commands),
+                    outcomes: batch.apply(&mut a.engine),
                 },
                 EntryPayload::Membership(m) => {
                     a.membership = StoredMembership::new(Some(entry.log_id), m);

@@ -41,18 +41,20 @@ pub fn check(ev: &Evidence, _replay: &Replay) -> Vec<Violation> {
     for c in &ev.created {
         let Some(batch) = &c.batch else { continue };
         let key = (c.term, c.leader, c.epoch);
-        if let Some((index, stamp)) = stamps.get(&key)
-            && batch.stamp_ms < *stamp
-        {
-            out.push(Violation {
-                invariant: NAME,
-                message: format!(
-                    "term {} (leader n{}): batch at index {} stamped {} after index {index} stamped {stamp}",
-                    c.term, c.leader, c.index, batch.stamp_ms
-                ),
-            });
+        for (stamp_ms, _) in batch.parts() {
+            if let Some((index, stamp)) = stamps.get(&key)
+                && stamp_ms < *stamp
+            {
+                out.push(Violation {
+                    invariant: NAME,
+                    message: format!(
+                        "term {} (leader n{}): batch (part) at index {} stamped {stamp_ms} after index {index} stamped {stamp}",
+                        c.term, c.leader, c.index
+                    ),
+                });
+            }
+            stamps.insert(key, (c.index, stamp_ms));
         }
-        stamps.insert(key, (c.index, batch.stamp_ms));
     }
     out
 }

@@ -121,10 +121,7 @@ impl Hist {
             term: self.term,
             leader: 1,
             epoch: 0,
-            batch: Some(Batch {
-                stamp_ms,
-                commands: commands.clone(),
-            }),
+            batch: Some(Batch::new(stamp_ms, commands.clone())),
         };
         self.created.push(entry.clone());
         self.created.sort_by_key(|c| (c.index, c.term));
