@@ -64,6 +64,8 @@ pub struct NetStats {
     pub lost: u64,
     pub duplicated: u64,
     pub refused: u64,
+    /// Entries of a retired leader answered with a higher vote instead of being refused.
+    pub retired_leaders_deposed: u64,
     pub snapshots_delivered: u64,
     pub forwards: u64,
 }
@@ -273,7 +275,10 @@ async fn deliver<R, E, F, Fut>(
     // it answers instead, if anything.
     let answer = if node.refuses_raft_from(Some(from)).is_some() {
         match (call.refused)(&node) {
-            Some(r) => Ok(r),
+            Some(r) => {
+                router.count(|s| s.retired_leaders_deposed += 1);
+                Ok(r)
+            }
             None => {
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(Undelivered::Down));

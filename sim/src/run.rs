@@ -129,6 +129,7 @@ pub struct Stats {
     pub fsyncs: u64,
     pub lost_disk_ops: u64,
     pub lost_fast_answers: usize,
+    pub retired_leaders_deposed: u64,
     pub committed_entries: u64,
     pub sim_ms: u64,
 }
@@ -139,7 +140,8 @@ impl std::fmt::Display for Stats {
             f,
             "{} nodes, {:.1}s simulated, {} calls ({} acked, {} unknown), {} committed entries, {} leaders, \
              {} faults ({} crashes, {} clock jumps), {} raft stops, {} membership changes, {} limit changes, {} snapshot installs, \
-             {} messages ({} lost, {} duplicated), {} fsyncs ({} unsynced ops lost), {} fast answers lost",
+             {} messages ({} lost, {} duplicated), {} fsyncs ({} unsynced ops lost), {} fast answers lost, \
+             {} retired-leader entries answered with a higher vote",
             self.nodes,
             self.sim_ms as f64 / 1000.0,
             self.calls,
@@ -160,6 +162,7 @@ impl std::fmt::Display for Stats {
             self.fsyncs,
             self.lost_disk_ops,
             self.lost_fast_answers,
+            self.retired_leaders_deposed,
         )
     }
 }
@@ -652,6 +655,7 @@ impl Sim {
         stats.messages = net.sent;
         stats.lost = net.lost;
         stats.duplicated = net.duplicated;
+        stats.retired_leaders_deposed = net.retired_leaders_deposed;
         stats.fsyncs = self.slots.values().map(|s| s.disk.stats().fsyncs).sum();
         stats.lost_disk_ops = self.slots.values().map(|s| s.disk.stats().lost_ops).sum();
         stats.lost_fast_answers = invariants::fast_bound::lost_fast_answers(&evidence, &replay);
