@@ -416,19 +416,20 @@ domains:
         c.stop(i).await;
     }
     // As Envoy calls: its expected timeout in a header, our client a little more patient.
-    let deadline = |r: &mut tonic::Request<_>| {
+    let request = |kind: &str, user: &str| {
+        let mut r = tonic::Request::new(req(
+            "test",
+            vec![desc(&[("kind", kind), ("user", user)])],
+            0,
+        ));
         r.set_timeout(Duration::from_millis(600));
         r.metadata_mut()
             .insert("x-envoy-expected-rq-timeout-ms", "300".parse().unwrap());
+        r
     };
     // Fast: decided and answered with no quorum, exactly as a committed decision would be.
     for expected in [Code::Ok, Code::Ok, Code::Ok, Code::OverLimit] {
-        let mut r = tonic::Request::new(req(
-            "test",
-            vec![desc(&[("kind", "fast"), ("user", "f")])],
-            0,
-        ));
-        deadline(&mut r);
+        let r = request("fast", "f");
         let answer = rls
             .should_rate_limit(r)
             .await
@@ -438,12 +439,7 @@ domains:
     // The in-flight window is full (four one-command batches): the next batch gathers
     // commands and answers fast ones at once, up to its two commands...
     for _ in 0..2 {
-        let mut r = tonic::Request::new(req(
-            "test",
-            vec![desc(&[("kind", "fast"), ("user", "g")])],
-            0,
-        ));
-        deadline(&mut r);
+        let r = request("fast", "g");
         let answer = rls
             .should_rate_limit(r)
             .await
@@ -451,21 +447,11 @@ domains:
         assert_eq!(code(&answer.into_inner()), Code::Ok);
     }
     // ...and once it is full, even a fast request waits for a commit.
-    let mut r = tonic::Request::new(req(
-        "test",
-        vec![desc(&[("kind", "fast"), ("user", "g")])],
-        0,
-    ));
-    deadline(&mut r);
+    let r = request("fast", "g");
     let status = rls.should_rate_limit(r).await.expect_err("window full");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     // Strict: no commit, no answer within the deadline.
-    let mut r = tonic::Request::new(req(
-        "test",
-        vec![desc(&[("kind", "req"), ("user", "s")])],
-        0,
-    ));
-    deadline(&mut r);
+    let r = request("req", "s");
     let status = rls
         .should_rate_limit(r)
         .await

@@ -54,6 +54,11 @@ pub const MAX_BATCH_BYTES: usize = 8 * 1024 * 1024;
 pub(super) type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
 /// Answers given from the speculative engine before commit: (index in the batch, outcome).
 type EarlyAnswers = Vec<(usize, Outcome)>;
+/// What openraft's responder resolves to for one proposed batch.
+type WriteResult = Result<
+    openraft::raft::ClientWriteResponse<super::raft_types::TypeConfig>,
+    ClientWriteError<NodeId, openraft::BasicNode>,
+>;
 
 /// A command waiting for a batch.
 pub(super) struct Proposal {
@@ -108,6 +113,21 @@ impl Pending {
     fn fail(self, error: NodeError) {
         fail_all(self.replies, &error);
     }
+
+    /// The commands not answered early, in order.
+    fn unanswered(self) -> Pending {
+        let mut out = Pending::with_capacity(self.len());
+        out.bytes = self.bytes;
+        let all = self.commands.into_iter().zip(self.forwardable);
+        for ((command, forwardable), reply) in all.zip(self.replies) {
+            if reply.is_some() {
+                out.commands.push(command);
+                out.forwardable.push(forwardable);
+                out.replies.push(reply);
+            }
+        }
+        out
+    }
 }
 
 fn fail_all(replies: Vec<Option<Reply>>, error: &NodeError) {
@@ -125,8 +145,7 @@ fn fail_all(replies: Vec<Option<Reply>>, error: &NodeError) {
 /// throughput: each append waited for its own flush.)
 struct Group {
     pending: Pending,
-    /// Answers given early from the speculative engine: (index in the batch, outcome).
-    early: Vec<(usize, Outcome)>,
+    early: EarlyAnswers,
     /// (first command, stamp) of each part the speculative engine has applied, in order.
     /// Commands after the last part's range that it has not seen form one more part, stamped
     /// when proposed.
@@ -164,15 +183,7 @@ impl Group {
     /// rest were answered by no one yet and go in as one part, stamped when proposed.
     fn abandon_speculation(&mut self) {
         let answered = self.early.len();
-        let p = &mut self.pending;
-        let keep: Vec<bool> = p.replies.iter().map(Option::is_some).collect();
-        let mut kept = keep.iter();
-        p.commands
-            .retain(|_| *kept.next().expect("one flag per command"));
-        let mut kept = keep.iter();
-        p.forwardable
-            .retain(|_| *kept.next().expect("one flag per command"));
-        p.replies.retain(Option::is_some);
+        self.pending = std::mem::replace(&mut self.pending, Pending::with_capacity(0)).unanswered();
         self.early.clear();
         self.parts.clear();
         self.seen = 0;
@@ -299,23 +310,22 @@ impl Proposer {
         }
         let (leader, term) = self.leadership();
         st.check_speculation(leader, self.id, term);
-        let Some(spec) = st.spec.as_mut() else {
+        if st.spec.is_none() {
             return;
-        };
+        }
         // A new part when time has moved since the last one began (the last one is sealed).
-        let stamp_ms = st.last_stamp_ms.max(self.clock.now_ms());
+        let stamp_ms = st.next_stamp(&*self.clock);
+        let spec = st.spec.as_mut().expect("checked above");
         match g.parts.last() {
-            Some(&(_, last_ms)) if last_ms >= stamp_ms => {}
+            Some(&(_, last_ms)) if last_ms == stamp_ms => {}
             last => {
                 if let Some(&(start, _)) = last {
                     spec.engine.end_batch(g.seen - start);
                 }
-                st.last_stamp_ms = stamp_ms;
                 g.parts.push((g.seen, stamp_ms));
             }
         }
         let from = g.seen;
-        let stamp_ms = g.parts.last().expect("a part was just ensured").1;
         answer_fast(
             &mut spec.engine,
             stamp_ms,
@@ -479,15 +489,7 @@ async fn settle_after_commit<F, E>(
     broken: Arc<AtomicBool>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) where
-    F: std::future::Future<
-            Output = Result<
-                Result<
-                    openraft::raft::ClientWriteResponse<super::raft_types::TypeConfig>,
-                    ClientWriteError<NodeId, openraft::BasicNode>,
-                >,
-                E,
-            >,
-        >,
+    F: std::future::Future<Output = Result<WriteResult, E>>,
     E: std::fmt::Display,
 {
     let ok = match tokio::time::timeout(COMMIT_WAIT_MAX, responder).await {
@@ -507,15 +509,9 @@ async fn settle_after_commit<F, E>(
 /// Hands every caller of a committed batch its own outcome, and checks the early answers
 /// against the committed ones. Returns false when speculation can no longer be trusted.
 fn settle<E: std::fmt::Display>(
-    result: Result<
-        Result<
-            openraft::raft::ClientWriteResponse<super::raft_types::TypeConfig>,
-            ClientWriteError<NodeId, openraft::BasicNode>,
-        >,
-        E,
-    >,
+    result: Result<WriteResult, E>,
     replies: Vec<Option<Reply>>,
-    early: Vec<(usize, Outcome)>,
+    early: EarlyAnswers,
 ) -> bool {
     let error = match result {
         Ok(Ok(response)) => {

@@ -33,30 +33,35 @@ impl Batch {
         }
     }
 
-    /// The parts, in order: (stamp, commands). Cut points out of order or past the end (a
-    /// damaged entry: peers are trusted, but nothing from the network may panic) cut nothing
-    /// there; every replica reads the same entry the same way.
+    /// The parts, in order: (stamp, commands); always at least one. Cut points out of order
+    /// or past the end (a damaged entry: peers are trusted, but nothing from the network may
+    /// panic) cut nothing there; every replica reads the same entry the same way.
     pub fn parts(&self) -> impl Iterator<Item = (i64, &[Command])> {
         let len = self.commands.len();
-        let mut cuts = Vec::with_capacity(self.later.len() + 2);
-        cuts.push((0, self.stamp_ms));
-        for &(start, stamp_ms) in &self.later {
+        let mut last = 0;
+        // A part holds at least one command: a cut at or past the end, or not after the
+        // previous cut, is no cut.
+        let later = self.later.iter().filter_map(move |&(start, stamp_ms)| {
             let start = start as usize;
-            // A part holds at least one command: a cut at or past the end is no cut.
-            if start > cuts.last().map_or(0, |c| c.0) && start < len {
-                cuts.push((start, stamp_ms));
-            }
-        }
-        let ends: Vec<usize> = cuts.iter().skip(1).map(|c| c.0).chain([len]).collect();
-        cuts.into_iter()
-            .zip(ends)
-            .map(move |((start, stamp_ms), end)| (stamp_ms, &self.commands[start..end]))
+            (start > last && start < len).then(|| {
+                last = start;
+                (start, stamp_ms)
+            })
+        });
+        let mut cuts = std::iter::once((0, self.stamp_ms)).chain(later).peekable();
+        std::iter::from_fn(move || {
+            let (start, stamp_ms) = cuts.next()?;
+            let end = cuts.peek().map_or(len, |c| c.0);
+            Some((stamp_ms, &self.commands[start..end]))
+        })
     }
 
     /// Applies every part to `engine`; one outcome per command.
     pub fn apply(&self, engine: &mut Engine) -> Vec<Outcome> {
-        let mut outcomes = Vec::with_capacity(self.commands.len());
-        for (stamp_ms, commands) in self.parts() {
+        let mut parts = self.parts();
+        let (stamp_ms, first) = parts.next().expect("a batch has a first part");
+        let mut outcomes = engine.apply(stamp_ms, first);
+        for (stamp_ms, commands) in parts {
             outcomes.extend(engine.apply(stamp_ms, commands));
         }
         outcomes
