@@ -201,6 +201,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         engine: EngineSettings {
             max_counters: args.max_counters,
+            ..EngineSettings::default()
         },
         batch: BatchConfig {
             max_batch_commands: args.batch_max_commands as usize,

@@ -852,7 +852,10 @@ fn scenario_strategy() -> impl Strategy<Value = Scenario> {
     (
         prop_oneof![
             1 => Just(EngineSettings::default()),
-            1 => (1u64..=10).prop_map(|max_counters| EngineSettings { max_counters }),
+            1 => (1u64..=10).prop_map(|max_counters| EngineSettings {
+                max_counters,
+                ..EngineSettings::default()
+            }),
         ],
         // Around the 2026-03-08 DST change in New York.
         1_772_800_000_000i64..1_773_200_000_000,
@@ -1500,7 +1503,10 @@ fn table_bound_decisions_do_not_depend_on_restore() {
         ),
     ];
     let one = |k: &str, v: &str| request(Mode::Enforce, 1, vec![desc(&[(k, v)], None)]);
-    let mut a = Engine::new(EngineSettings { max_counters: 3 });
+    let mut a = Engine::new(EngineSettings {
+        max_counters: 3,
+        ..EngineSettings::default()
+    });
     a.apply(0, &[set(limits)]);
     let t = 10 * HOUR;
     a.apply(t, &[one("user", "a"), one("user", "b")]);

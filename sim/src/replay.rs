@@ -46,6 +46,7 @@ impl Replay {
     pub fn build(ev: &Evidence) -> Replay {
         let mut engine = Engine::new(EngineSettings {
             max_counters: ev.bounds.max_counters,
+            ..EngineSettings::default()
         });
         let mut committed = BTreeMap::new();
         let mut duplicates = Vec::new();

@@ -64,6 +64,7 @@ fn limit(name: &str, window: WindowSpec) -> LimitSpec {
 fn measure(kind: &str, n: usize) -> anyhow::Result<(f64, f64)> {
     let mut engine = Engine::new(EngineSettings {
         max_counters: n as u64 + 1,
+        ..EngineSettings::default()
     });
     let set = LimitSet {
         limits: vec![

@@ -10,7 +10,9 @@ impl From<CommandError> for Status {
     fn from(e: CommandError) -> Status {
         match e {
             CommandError::Invalid { .. } => Status::invalid_argument(e.to_string()),
-            CommandError::CounterTableFull { .. } => Status::resource_exhausted(e.to_string()),
+            CommandError::CounterTableFull { .. } | CommandError::UsageTableFull { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
         }
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::limits::{LimitSet, Unit};
+use super::usage;
 
 /// Most descriptors one request may carry.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -31,6 +32,18 @@ pub enum Command {
     RetireNode { node_id: u64 },
     /// Set the settings that change decisions, the same on every replica.
     Configure(super::EngineSettings),
+    /// Record a finished request's usage (once per request id).
+    ReportUsage(usage::ReportUsage),
+    /// Hold capacity for a request about to run.
+    Reserve(usage::Reserve),
+    /// Settle a reservation with the actual usage.
+    Commit(usage::Commit),
+    /// Cancel an open reservation.
+    Release { request_id: String },
+    /// Replace the price catalog (a new version).
+    SetPrices(usage::PriceCatalog),
+    /// Replace the quota set.
+    ReplaceQuotas(usage::QuotaSet),
 }
 
 /// A rate-limit request, in domain terms.
@@ -128,6 +141,16 @@ pub enum Outcome {
         kept: u64,
         generation: u64,
     },
+    /// The answer to ReportUsage, Reserve, Commit or Release.
+    Usage(usage::Receipt),
+    PricesSet {
+        version: u64,
+    },
+    QuotasReplaced {
+        quotas: u64,
+        /// Quotas whose counters carried over from the previous set.
+        kept: u64,
+    },
     Rejected(CommandError),
 }
 
@@ -140,6 +163,10 @@ pub enum CommandError {
     /// The counter table is at its bound and holds no reclaimable counter.
     #[error("counter table full ({max} counters): refusing to create new counters")]
     CounterTableFull { max: u64 },
+    /// A metering table (request ids, quota counters) is at its bound and nothing in it may
+    /// be forgotten yet.
+    #[error("{table} full ({max} entries): refusing new entries until retention frees some")]
+    UsageTableFull { table: String, max: u64 },
 }
 
 impl CommandError {
@@ -173,8 +200,19 @@ impl Command {
                 postcard::to_allocvec(set).map_or(usize::MAX, |v| v.len())
             }
             Command::RetireNode { .. } | Command::Configure(_) => 16,
+            Command::ReportUsage(r) => 64 + r.request_id.len() + attribution_bytes(&r.who),
+            Command::Reserve(r) => 72 + r.request_id.len() + attribution_bytes(&r.who),
+            Command::Commit(c) => 48 + c.request_id.len(),
+            Command::Release { request_id } => 8 + request_id.len(),
+            Command::SetPrices(p) => postcard::to_allocvec(p).map_or(usize::MAX, |v| v.len()),
+            Command::ReplaceQuotas(q) => postcard::to_allocvec(q).map_or(usize::MAX, |v| v.len()),
         }
     }
+}
+
+fn attribution_bytes(who: &usage::Attribution) -> usize {
+    let tags: usize = who.tags.iter().map(|(k, v)| 4 + k.len() + v.len()).sum();
+    12 + who.subject.len() + who.subscription.len() + who.model.len() + tags
 }
 
 impl RateLimitCommand {

@@ -24,8 +24,10 @@ pub mod command;
 mod counters;
 mod decide;
 pub mod limits;
+mod meter;
 mod registry;
 mod snapshot;
+pub mod usage;
 mod window;
 
 use std::sync::Arc;
@@ -46,16 +48,81 @@ use registry::Registry;
 pub struct EngineSettings {
     /// Most counters held at once; a request that would create more is refused.
     pub max_counters: u64,
+    /// Most request ids remembered for exactly-once usage; a new id beyond it is refused
+    /// (`RESOURCE_EXHAUSTED`) until retention frees some, rather than forgetting one early.
+    pub max_request_ids: u64,
+    /// How long a settled request id is remembered (by batch time): a retry within it is
+    /// answered with the first outcome. At least [`usage::MAX_RESERVATION_TTL_MS`].
+    pub request_id_retention_ms: u64,
+    /// Most quota counters held at once.
+    pub max_quota_counters: u64,
+    /// Most usage records kept for `ExportUsage` and minute queries (oldest dropped first).
+    pub max_usage_records: u64,
+    /// Most 15-minute aggregate rows kept for `QueryUsage` (oldest period dropped first).
+    pub max_usage_buckets: u64,
+    /// How long 15-minute aggregates are kept, by batch time.
+    pub usage_bucket_retention_ms: u64,
 }
 
 /// Default bound on counters: about half a GiB of fixed-window counters.
 pub const DEFAULT_MAX_COUNTERS: u64 = 5_000_000;
+/// Default bound on remembered request ids (about 200 MB at the longest ids).
+pub const DEFAULT_MAX_REQUEST_IDS: u64 = 1_000_000;
+/// Default retention of settled request ids: a day.
+pub const DEFAULT_REQUEST_ID_RETENTION_MS: u64 = 86_400_000;
+/// Default bound on quota counters.
+pub const DEFAULT_MAX_QUOTA_COUNTERS: u64 = 1_000_000;
+/// Default number of usage records kept.
+pub const DEFAULT_MAX_USAGE_RECORDS: u64 = 1_000_000;
+/// Default number of 15-minute aggregate rows kept.
+pub const DEFAULT_MAX_USAGE_BUCKETS: u64 = 1_000_000;
+/// Default retention of 15-minute aggregates: 400 days (a year and a billing month).
+pub const DEFAULT_USAGE_BUCKET_RETENTION_MS: u64 = 400 * 86_400_000;
 
 impl Default for EngineSettings {
     fn default() -> Self {
         EngineSettings {
             max_counters: DEFAULT_MAX_COUNTERS,
+            max_request_ids: DEFAULT_MAX_REQUEST_IDS,
+            request_id_retention_ms: DEFAULT_REQUEST_ID_RETENTION_MS,
+            max_quota_counters: DEFAULT_MAX_QUOTA_COUNTERS,
+            max_usage_records: DEFAULT_MAX_USAGE_RECORDS,
+            max_usage_buckets: DEFAULT_MAX_USAGE_BUCKETS,
+            usage_bucket_retention_ms: DEFAULT_USAGE_BUCKET_RETENTION_MS,
         }
+    }
+}
+
+impl EngineSettings {
+    /// Checks every bound; the error names the setting.
+    pub fn validate(&self) -> Result<(), CommandError> {
+        for (field, n) in [
+            ("max_counters", self.max_counters),
+            ("max_request_ids", self.max_request_ids),
+            ("max_quota_counters", self.max_quota_counters),
+            ("max_usage_records", self.max_usage_records),
+            ("max_usage_buckets", self.max_usage_buckets),
+        ] {
+            if n == 0 {
+                return Err(CommandError::invalid(field, "must be at least 1"));
+            }
+        }
+        if self.request_id_retention_ms < usage::MAX_RESERVATION_TTL_MS {
+            return Err(CommandError::invalid(
+                "request_id_retention_ms",
+                format!(
+                    "must be at least the longest reservation ({} ms)",
+                    usage::MAX_RESERVATION_TTL_MS
+                ),
+            ));
+        }
+        if self.usage_bucket_retention_ms < 86_400_000 {
+            return Err(CommandError::invalid(
+                "usage_bucket_retention_ms",
+                "must be at least a day",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -83,6 +150,8 @@ pub struct Engine {
     applied_batches: u64,
     /// Node ids that left the cluster; replicated so that no replica ever accepts one again.
     retired_nodes: std::collections::BTreeSet<u64>,
+    /// Prices, quotas, reservations, request ids, the usage ledger and events.
+    meter: meter::Meter,
 }
 
 impl Engine {
@@ -97,6 +166,7 @@ impl Engine {
             applied_commands: 0,
             applied_batches: 0,
             retired_nodes: std::collections::BTreeSet::new(),
+            meter: meter::Meter::default(),
         }
     }
 
@@ -149,14 +219,16 @@ impl Engine {
                 self.retired_nodes.insert(*node_id);
                 Ok(Outcome::NodeRetired { node_id: *node_id })
             }
-            Command::Configure(settings) => {
-                if settings.max_counters == 0 {
-                    Err(CommandError::invalid("max_counters", "must be at least 1"))
-                } else {
-                    self.settings = *settings;
-                    Ok(Outcome::Configured)
-                }
-            }
+            Command::Configure(settings) => settings.validate().map(|()| {
+                self.settings = *settings;
+                Outcome::Configured
+            }),
+            Command::ReportUsage(_)
+            | Command::Reserve(_)
+            | Command::Commit(_)
+            | Command::Release { .. }
+            | Command::SetPrices(_)
+            | Command::ReplaceQuotas(_) => self.apply_usage(command, now_ms),
             Command::ReplaceLimits(set) => {
                 self.registry
                     .replace(set)

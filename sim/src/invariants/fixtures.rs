@@ -79,6 +79,7 @@ impl Hist {
             next_id: 1,
             engine: Engine::new(EngineSettings {
                 max_counters: bounds.max_counters,
+                ..EngineSettings::default()
             }),
             bounds,
             samples: Vec::new(),
