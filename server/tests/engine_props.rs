@@ -987,10 +987,10 @@ proptest! {
     /// Arbitrary bytes never restore without the magic, and never panic with it.
     #[test]
     fn garbage_never_restores(bytes in prop::collection::vec(any::<u8>(), 0..256), magic in any::<bool>()) {
-        let mut input = if magic { b"TALLYSN1".to_vec() } else { Vec::new() };
+        let mut input = if magic { b"TALLYSN2".to_vec() } else { Vec::new() };
         input.extend_from_slice(&bytes);
         let result = Engine::restore(&input);
-        if !input.starts_with(b"TALLYSN1") {
+        if !input.starts_with(b"TALLYSN2") {
             prop_assert!(result.is_err());
         }
         if let Ok(mut engine) = result {

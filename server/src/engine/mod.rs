@@ -184,6 +184,7 @@ impl Engine {
     pub fn apply_part(&mut self, batch_ms: i64, commands: &[Command]) -> Vec<Outcome> {
         let now_ms = batch_ms.clamp(self.last_ms, calendar::MAX_TIME_MS);
         self.last_ms = now_ms;
+        self.advance_usage(now_ms);
         let outcomes: Vec<Outcome> = commands.iter().map(|c| self.apply_one(c, now_ms)).collect();
         self.applied_commands += commands.len() as u64;
         assert_eq!(outcomes.len(), commands.len(), "one outcome per command");
@@ -198,6 +199,7 @@ impl Engine {
         self.counters.sweep(budget, |key, state| {
             decide::reclaimable(registry, key, state, now_ms)
         });
+        self.sweep_usage(batch_commands, now_ms);
         self.applied_batches += 1;
     }
 

@@ -1,6 +1,6 @@
 //! The engine's whole replicated state to bytes and back.
 //!
-//! Format: the 8-byte magic `TALLYSN1`, then a postcard-encoded [`Body`].
+//! Format: the 8-byte magic `TALLYSN2`, then a postcard-encoded [`Body`].
 //!
 //! The counter table is written exactly as it is: in table order, idle counters included,
 //! with the reclamation cursor. The table's size decides whether a request that needs a new
@@ -15,7 +15,7 @@ use super::registry::Registry;
 use super::window::{CounterState, Window};
 use super::{Engine, EngineSettings, calendar};
 
-const MAGIC: &[u8; 8] = b"TALLYSN1";
+const MAGIC: &[u8; 8] = b"TALLYSN2";
 
 #[derive(Serialize, Deserialize)]
 struct Body {
@@ -27,6 +27,7 @@ struct Body {
     counters: Vec<(Vec<u8>, CounterState)>,
     cursor: u64,
     retired_nodes: Vec<u64>,
+    meter: super::meter::MeterImage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +40,8 @@ pub enum SnapshotError {
     Limit(#[from] super::CommandError),
     #[error("snapshot holds an invalid counter: {0}")]
     Counter(String),
+    #[error("snapshot holds invalid metering state: {0}")]
+    Meter(String),
 }
 
 impl Engine {
@@ -63,6 +66,7 @@ impl Engine {
             counters,
             cursor: self.counters.cursor() as u64,
             retired_nodes: self.retired_nodes.iter().copied().collect(),
+            meter: self.meter.image(),
         };
         let mut out = MAGIC.to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
@@ -84,6 +88,7 @@ impl Engine {
         let mut engine = Engine::new(body.settings);
         engine.last_ms = body.last_ms;
         engine.retired_nodes = body.retired_nodes.into_iter().collect();
+        engine.meter = super::meter::Meter::from_image(body.meter).map_err(SnapshotError::Meter)?;
         engine.registry = registry;
         engine.counters = Counters::default();
         for (key, state) in body.counters {

@@ -259,6 +259,19 @@ impl Window {
         }
     }
 
+    /// Hits recorded in a refreshed window or rolling state (saturating); a bucket's deficit
+    /// in whole hits.
+    pub fn used(&self, state: &CounterState) -> u64 {
+        match state {
+            CounterState::Window { used, .. } => *used,
+            CounterState::Rolling(r) => r.total(),
+            CounterState::Bucket { deficit, .. } => match *self {
+                Window::Bucket { every_ms, .. } => deficit.div_ceil(every_ms),
+                _ => 0,
+            },
+        }
+    }
+
     /// True when hits beyond capacity were recorded (only Report can do that).
     pub fn overshot(&self, state: &CounterState, capacity: u64) -> bool {
         match state {
