@@ -458,3 +458,100 @@ domains:
         .expect_err("strict waits for a quorum");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 }
+
+/// Every usage report is sent twice (a retry after a lost answer) and retried on another
+/// node until answered, while the leader is killed: each counts exactly once, and every
+/// retry is answered with the first outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reports_retried_across_a_leader_failover_count_once() {
+    use tally_server::engine::usage::{Attribution, ReportUsage, Tokens, UsageResult};
+    use tally_server::engine::{Command, Outcome};
+    const TASKS: usize = 16;
+    const REPORTS: usize = 25;
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
+    let leader = c.leader(None).await as usize;
+    let nodes: Vec<_> = (1..=3).map(|i| c.node(i).node().unwrap()).collect();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let nodes = nodes.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for j in 0..REPORTS {
+                let cmd = Command::ReportUsage(ReportUsage {
+                    request_id: format!("req-{t}-{j}"),
+                    who: Attribution {
+                        subject: format!("key-{t}"),
+                        ..Attribution::default()
+                    },
+                    tokens: Tokens {
+                        input: 10,
+                        output: j as u64,
+                        ..Tokens::default()
+                    },
+                });
+                let (mut sent, mut attempt) = (0, 0);
+                let stop_at = Instant::now() + Duration::from_secs(20);
+                while sent < 2 {
+                    assert!(Instant::now() < stop_at, "answered within 20 s");
+                    // Each attempt goes to the next node: a dead one is left behind.
+                    attempt += 1;
+                    let node = &nodes[(t + j + attempt) % 3];
+                    let answer =
+                        tokio::time::timeout(Duration::from_secs(1), node.propose(cmd.clone()))
+                            .await;
+                    match answer {
+                        Ok(Ok(Outcome::Usage(r))) => {
+                            answers.push(r);
+                            sent += 1;
+                        }
+                        Ok(Ok(other)) => panic!("{other:?}"),
+                        Ok(Err(_)) | Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                }
+            }
+            answers
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.stop(leader).await;
+    let mut first: std::collections::HashMap<String, UsageResult> = Default::default();
+    let mut duplicates = 0;
+    for task in tasks {
+        for r in task.await.unwrap() {
+            match first.get(&r.request_id) {
+                None => {
+                    // The first answer seen may itself be a retry's, if the first send's
+                    // answer was lost with the leader.
+                    first.insert(r.request_id.clone(), r.result);
+                }
+                Some(f) => {
+                    assert!(r.duplicate, "second answer for {} not a duplicate", r.request_id);
+                    assert_eq!(&r.result, f, "retry of {} answered differently", r.request_id);
+                    duplicates += 1;
+                }
+            }
+        }
+    }
+    assert_eq!(first.len(), TASKS * REPORTS);
+    assert!(duplicates >= TASKS * REPORTS - TASKS, "retries answered as duplicates");
+    let new_leader = c.leader(Some(leader as u64)).await as usize;
+    let records = c
+        .node(new_leader)
+        .node()
+        .unwrap()
+        .read_linearizable(|e| e.export_usage(0, 10_000))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(records.len(), TASKS * REPORTS, "one record per request id");
+    let ids: std::collections::BTreeSet<_> = records.iter().map(|r| &r.request_id).collect();
+    assert_eq!(ids.len(), TASKS * REPORTS);
+    for r in &records {
+        let Some(UsageResult::Recorded { seq, .. }) = first.get(&r.request_id) else {
+            panic!("{} recorded but never answered as recorded", r.request_id)
+        };
+        assert_eq!(*seq, r.seq, "answer and ledger agree on {}", r.request_id);
+    }
+}
