@@ -6,6 +6,7 @@ const PROTOS: &[&str] = &[
     "proto/envoy/service/ratelimit/v3/rls.proto",
     "proto/kuadrant/service/ratelimit/v1/ratelimit.proto",
     "proto/tally/v1/tally.proto",
+    "proto/tally/v1/usage.proto",
     "proto/tally/v1/forward.proto",
     "proto/tally/v1/cluster.proto",
     "proto/tally/v1/raft.proto",

@@ -5,12 +5,20 @@
 //!   `ShouldRateLimit` ([`TallyClient::should_rate_limit`]), Limitador's `CheckRateLimit` and
 //!   `Report` ([`TallyClient::kuadrant_check`], [`TallyClient::kuadrant_report`]) and the
 //!   `tally.v1.Admin` service ([`TallyClient::status`], [`TallyClient::list_limits`]).
+//!   Metering (`tally.v1.Usage`): [`TallyClient::report_usage`], [`TallyClient::reserve`],
+//!   [`TallyClient::commit`], [`TallyClient::release`], [`TallyClient::set_prices`],
+//!   [`TallyClient::list_prices`], [`TallyClient::query_usage`],
+//!   [`TallyClient::usage_overview`] and [`TallyClient::export_usage`] (a [`UsageExport`]).
 //!   Connecting waits at most [`CONNECT_TIMEOUT`]; every call waits at most the client's
 //!   per-call timeout ([`DEFAULT_TIMEOUT`] unless changed with [`TallyClient::with_timeout`]).
 //! - [`parse_descriptor`] and [`descriptor`]: build Envoy `RateLimitDescriptor`s from the
 //!   command-line syntax or from pairs.
 //! - [`render_response`], [`response_json`], [`render_status`], [`render_limits`]: turn answers
 //!   into text for people or JSON for scripts.
+//! - Metering helpers: [`format_usd`] (nano-dollars as dollars, integer arithmetic),
+//!   [`parse_time_ms`] / [`format_time_ms`] (RFC 3339 or Unix ms), [`parse_tag`],
+//!   [`parse_granularity`], [`parse_price_catalog`]; renderers [`render_receipt`],
+//!   [`render_usage_rows`], [`render_overview`], [`render_prices`] and their JSON forms.
 //! - [`ClientError`]: everything that can go wrong, with messages fit to show a user.
 //! - [`proto`]: the generated protobuf types (a re-export of `tally-proto`).
 //!
@@ -53,9 +61,15 @@ use tally_proto::envoy::r#type::v3::RateLimitUnit;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_client::RateLimitServiceClient as KuadrantClient;
 use tally_proto::tally::v1::admin_client::AdminClient;
 use tally_proto::tally::v1::cluster_client::ClusterClient;
+use tally_proto::tally::v1::usage_client::UsageClient;
 use tally_proto::tally::v1::{
-    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, GetStatusRequest, GetStatusResponse,
-    InitRequest, ListLimitsRequest, ListLimitsResponse, Member, PromoteRequest, RemoveRequest,
+    AddLearnerRequest, ClusterStatus, ClusterStatusRequest, CommitRequest, Enforcement,
+    ExportUsageRequest, GetStatusRequest, GetStatusResponse, GetUsageOverviewRequest,
+    GetUsageOverviewResponse, Granularity, InitRequest, ListLimitsRequest, ListLimitsResponse,
+    ListPricesRequest, ListPricesResponse, Member, Metric, ModelPrice, PromoteRequest,
+    QueryUsageRequest, QueryUsageResponse, QuotaStanding, ReleaseRequest, RemoveRequest,
+    ReportUsageRequest, ReserveRequest, SetPricesRequest, Settled, Tag, UsageReceipt, UsageRecord,
+    UsageRow, usage_receipt,
 };
 
 /// How long [`TallyClient::connect`] waits for the connection to be established.
@@ -95,6 +109,14 @@ pub enum ClientError {
     /// No answer arrived within the per-call timeout.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// Input given to the client (a file, an argument) is not what it must be.
+    #[error("invalid {what}: {reason}")]
+    InvalidInput {
+        /// What the input is (e.g. `price file prices.json`).
+        what: String,
+        /// What is wrong and where.
+        reason: String,
+    },
 }
 
 impl From<tonic::Status> for ClientError {
@@ -932,6 +954,785 @@ pub fn render_cluster(status: &ClusterStatus) -> String {
     out
 }
 
+// ---------------------------------------------------------------------------------------------
+// Metering: tally.v1.Usage
+// ---------------------------------------------------------------------------------------------
+
+/// Nano-dollars in one US dollar.
+pub const NUSD_PER_USD: u64 = 1_000_000_000;
+
+/// Nano-dollars as US dollars with 9 decimals, in integer arithmetic (no float ever touches
+/// money): `1234567` → `"0.001234567"`.
+///
+/// ```
+/// assert_eq!(tally_client::format_usd(1_234_567), "0.001234567");
+/// assert_eq!(tally_client::format_usd(12_500_000_000), "12.500000000");
+/// ```
+pub fn format_usd(nusd: u64) -> String {
+    format!("{}.{:09}", nusd / NUSD_PER_USD, nusd % NUSD_PER_USD)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's `days_from_civil`).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day since 1970-01-01 (`civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        4 | 6 | 9 | 11 => 30,
+        2 if (year % 4 == 0 && year % 100 != 0) || year % 400 == 0 => 29,
+        2 => 28,
+        _ => 31,
+    }
+}
+
+/// Parses a point in time as Unix milliseconds (`1795435200000`) or RFC 3339 with an offset
+/// (`2026-11-23T12:00:00Z`, `2026-11-23T13:00:00.250+01:00`).
+///
+/// ```
+/// assert_eq!(tally_client::parse_time_ms("2026-11-23T12:00:00Z"), Ok(1_795_435_200_000));
+/// assert_eq!(tally_client::parse_time_ms("2026-11-23T13:00:00+01:00"), Ok(1_795_435_200_000));
+/// assert_eq!(tally_client::parse_time_ms("1795435200000"), Ok(1_795_435_200_000));
+/// ```
+pub fn parse_time_ms(s: &str) -> Result<i64, String> {
+    let shape = || {
+        format!(
+            "`{s}` is not a time: write RFC 3339 with an offset (2026-11-01T00:00:00Z, \
+             2026-11-01T00:00:00+01:00) or Unix milliseconds"
+        )
+    };
+    if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        return s.parse::<i64>().map_err(|_| shape());
+    }
+    let b = s.as_bytes();
+    if b.len() < 20 {
+        return Err(shape());
+    }
+    let num = |range: std::ops::Range<usize>| -> Result<i64, String> {
+        let part = s.get(range).ok_or_else(shape)?;
+        if part.bytes().all(|c| c.is_ascii_digit()) {
+            part.parse::<i64>().map_err(|_| shape())
+        } else {
+            Err(shape())
+        }
+    };
+    if b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return Err(shape());
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return Err(shape());
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return Err(format!("`{s}`: no such date"));
+    }
+    // Second 60 (a leap second) is refused: Unix time has none.
+    if hour > 23 || minute > 59 || second > 59 {
+        return Err(format!("`{s}`: no such time of day"));
+    }
+    let mut rest = &s[19..];
+    let mut millis = 0;
+    if let Some(fraction) = rest.strip_prefix('.') {
+        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(shape());
+        }
+        let (frac, after) = fraction.split_at(digits);
+        let ms: String = frac.chars().chain("00".chars()).take(3).collect();
+        millis = ms.parse::<i64>().map_err(|_| shape())?;
+        if frac[3.min(digits)..].bytes().any(|c| c != b'0') {
+            return Err(format!("`{s}`: finer than a millisecond"));
+        }
+        rest = after;
+    }
+    let offset_min = match rest {
+        "Z" | "z" => 0,
+        _ => {
+            let o = rest.as_bytes();
+            if o.len() != 6 || !matches!(o[0], b'+' | b'-') || o[3] != b':' {
+                return Err(shape());
+            }
+            let hours = num(s.len() - 5..s.len() - 3)?;
+            let minutes = num(s.len() - 2..s.len())?;
+            if hours > 23 || minutes > 59 {
+                return Err(format!("`{s}`: no such offset"));
+            }
+            let m = hours * 60 + minutes;
+            if o[0] == b'-' { -m } else { m }
+        }
+    };
+    let days = days_from_civil(year, month, day);
+    let seconds = days * 86_400 + hour * 3_600 + minute * 60 + second - offset_min * 60;
+    Ok(seconds * 1_000 + millis)
+}
+
+/// Unix milliseconds as RFC 3339 in UTC: `2026-11-23T12:00:00Z` (`.250` when not a whole
+/// second).
+///
+/// ```
+/// assert_eq!(tally_client::format_time_ms(1_795_435_200_250), "2026-11-23T12:00:00.250Z");
+/// ```
+pub fn format_time_ms(ms: i64) -> String {
+    let days = ms.div_euclid(86_400_000);
+    let in_day = ms.rem_euclid(86_400_000);
+    let (year, month, day) = civil_from_days(days);
+    let (h, m, s, milli) = (
+        in_day / 3_600_000,
+        in_day / 60_000 % 60,
+        in_day / 1_000 % 60,
+        in_day % 1_000,
+    );
+    if milli == 0 {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}Z")
+    } else {
+        format!("{year:04}-{month:02}-{day:02}T{h:02}:{m:02}:{s:02}.{milli:03}Z")
+    }
+}
+
+/// Parses a tag written `key=value` (the first `=` splits; the value may be empty).
+pub fn parse_tag(s: &str) -> Result<Tag, String> {
+    match s.split_once('=') {
+        Some(("", _)) => Err(format!("`{s}` has an empty key; write key=value")),
+        Some((key, value)) => Ok(Tag {
+            key: key.to_string(),
+            value: value.to_string(),
+        }),
+        None => Err(format!("`{s}` has no `=`; write key=value")),
+    }
+}
+
+/// Parses a granularity name: `minute`, `hour`, `day`, `month` or `total` (any case).
+pub fn parse_granularity(s: &str) -> Result<Granularity, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "minute" => Ok(Granularity::Minute),
+        "hour" => Ok(Granularity::Hour),
+        "day" => Ok(Granularity::Day),
+        "month" => Ok(Granularity::Month),
+        "total" => Ok(Granularity::Total),
+        _ => Err(format!(
+            "`{s}` is not a granularity; use minute, hour, day, month or total"
+        )),
+    }
+}
+
+/// Parses a price catalog in JSON: a list of
+/// `{"model": .., "input_nusd": .., "cached_input_nusd": .., "output_nusd": ..}` (or an object
+/// `{"models": [..]}` of them). Prices are whole nano-dollars per token; every field is
+/// required and no other is allowed, so a typo cannot silently price a model at 0.
+///
+/// ```
+/// let models = tally_client::parse_price_catalog(
+///     r#"[{"model": "gpt-4o", "input_nusd": 2500, "cached_input_nusd": 1250, "output_nusd": 10000}]"#,
+/// ).unwrap();
+/// assert_eq!(models[0].output_nusd, 10_000);
+/// ```
+pub fn parse_price_catalog(text: &str) -> Result<Vec<ModelPrice>, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let list = match &value {
+        serde_json::Value::Array(list) => list,
+        serde_json::Value::Object(o) if o.len() == 1 && o.contains_key("models") => {
+            o["models"].as_array().ok_or("`models` must be a list")?
+        }
+        _ => {
+            return Err(
+                "expected a list of {model, input_nusd, cached_input_nusd, output_nusd} \
+                 (or {\"models\": [...]})"
+                    .to_string(),
+            );
+        }
+    };
+    let mut models = Vec::with_capacity(list.len());
+    for (i, item) in list.iter().enumerate() {
+        let object = item
+            .as_object()
+            .ok_or_else(|| format!("models[{i}] must be an object"))?;
+        const FIELDS: [&str; 4] = ["model", "input_nusd", "cached_input_nusd", "output_nusd"];
+        if let Some(unknown) = object.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+            return Err(format!(
+                "models[{i}]: unknown field `{unknown}` (known: {})",
+                FIELDS.join(", ")
+            ));
+        }
+        let model = match object.get("model") {
+            Some(serde_json::Value::String(m)) => m.clone(),
+            Some(_) => return Err(format!("models[{i}].model must be a string")),
+            None => return Err(format!("models[{i}].model is missing")),
+        };
+        let price = |field: &str| -> Result<u64, String> {
+            let v = object
+                .get(field)
+                .ok_or_else(|| format!("models[{i}].{field} is missing"))?;
+            v.as_u64().ok_or_else(|| {
+                format!(
+                    "models[{i}].{field} must be a whole number of nano-dollars per token, \
+                     not {v}"
+                )
+            })
+        };
+        models.push(ModelPrice {
+            model,
+            input_nusd: price("input_nusd")?,
+            cached_input_nusd: price("cached_input_nusd")?,
+            output_nusd: price("output_nusd")?,
+        });
+    }
+    Ok(models)
+}
+
+/// A running `ExportUsage`: records in seq order, each within the client's per-call timeout.
+#[derive(Debug)]
+pub struct UsageExport {
+    stream: tonic::Streaming<UsageRecord>,
+    timeout: Duration,
+}
+
+impl UsageExport {
+    /// The next record; `None` once the export is complete. An error ends the export: resume
+    /// with `after_seq` = the seq of the last record received.
+    pub async fn next(&mut self) -> Result<Option<UsageRecord>, ClientError> {
+        match tokio::time::timeout(self.timeout, self.stream.message()).await {
+            Ok(Ok(record)) => Ok(record),
+            Ok(Err(status)) => Err(status.into()),
+            Err(_) => Err(ClientError::Timeout(self.timeout)),
+        }
+    }
+}
+
+impl TallyClient {
+    /// `tally.v1.Usage/ReportUsage`: records a finished request's usage, once per request id
+    /// (a retry answers the first receipt again, `duplicate` set).
+    pub async fn report_usage(
+        &self,
+        request: ReportUsageRequest,
+    ) -> Result<UsageReceipt, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        self.call(client.report_usage(self.request(request))).await
+    }
+
+    /// `tally.v1.Usage/Reserve`: holds capacity against an estimate (a denial is an answer).
+    pub async fn reserve(&self, request: ReserveRequest) -> Result<UsageReceipt, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        self.call(client.reserve(self.request(request))).await
+    }
+
+    /// `tally.v1.Usage/Commit`: settles a reservation with the actual usage.
+    pub async fn commit(&self, request: CommitRequest) -> Result<UsageReceipt, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        self.call(client.commit(self.request(request))).await
+    }
+
+    /// `tally.v1.Usage/Release`: cancels an open reservation.
+    pub async fn release(&self, request_id: &str) -> Result<UsageReceipt, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        let request = ReleaseRequest {
+            request_id: request_id.to_string(),
+        };
+        self.call(client.release(self.request(request))).await
+    }
+
+    /// `tally.v1.Usage/SetPrices`: replaces the whole price catalog; answers its version.
+    pub async fn set_prices(&self, models: Vec<ModelPrice>) -> Result<u64, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        let request = SetPricesRequest { models };
+        let response = self.call(client.set_prices(self.request(request))).await?;
+        Ok(response.version)
+    }
+
+    /// `tally.v1.Usage/ListPrices`: the price catalog in force and its version.
+    pub async fn list_prices(&self) -> Result<ListPricesResponse, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        self.call(client.list_prices(self.request(ListPricesRequest {})))
+            .await
+    }
+
+    /// `tally.v1.Usage/QueryUsage`: sums of usage, grouped and bucketed.
+    pub async fn query_usage(
+        &self,
+        request: QueryUsageRequest,
+    ) -> Result<QueryUsageResponse, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        self.call(client.query_usage(self.request(request))).await
+    }
+
+    /// `tally.v1.Usage/GetUsageOverview`: a subject's standing against every quota.
+    pub async fn usage_overview(
+        &self,
+        subject: &str,
+        subscription: &str,
+    ) -> Result<GetUsageOverviewResponse, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        let request = GetUsageOverviewRequest {
+            subject: subject.to_string(),
+            subscription: subscription.to_string(),
+        };
+        self.call(client.get_usage_overview(self.request(request)))
+            .await
+    }
+
+    /// `tally.v1.Usage/ExportUsage`: the records after `after_seq` (at most `max_records`, 0
+    /// for all), each exactly once. The per-call timeout bounds the wait for each record, not
+    /// the whole export.
+    pub async fn export_usage(
+        &self,
+        after_seq: u64,
+        max_records: u64,
+    ) -> Result<UsageExport, ClientError> {
+        let mut client = UsageClient::new(self.channel.clone());
+        let request = ExportUsageRequest {
+            after_seq,
+            max_records,
+        };
+        let stream = self
+            .call(client.export_usage(self.request(request)))
+            .await?;
+        Ok(UsageExport {
+            stream,
+            timeout: self.timeout,
+        })
+    }
+}
+
+/// The name of a `Metric` value without its prefix, lower case (`total_tokens`, ...).
+pub fn metric_name(metric: i32) -> String {
+    match Metric::try_from(metric) {
+        Ok(m) => m
+            .as_str_name()
+            .trim_start_matches("METRIC_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("metric({metric})"),
+    }
+}
+
+/// The name of an `Enforcement` value, lower case (`hard`, `soft`, `shadow`).
+pub fn enforcement_name(enforcement: i32) -> String {
+    match Enforcement::try_from(enforcement) {
+        Ok(e) => e
+            .as_str_name()
+            .trim_start_matches("ENFORCEMENT_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("enforcement({enforcement})"),
+    }
+}
+
+fn settled_name(settled: i32) -> String {
+    match Settled::try_from(settled) {
+        Ok(s) => s
+            .as_str_name()
+            .trim_start_matches("SETTLED_")
+            .to_ascii_lowercase(),
+        Err(_) => format!("settled({settled})"),
+    }
+}
+
+/// A metric's name for people: amounts of cost are shown in dollars, so just `cost`.
+fn metric_label(metric: i32) -> String {
+    if metric == Metric::CostNusd as i32 {
+        "cost".to_string()
+    } else {
+        metric_name(metric)
+    }
+}
+
+/// A metric's amount for people: dollars for cost, the plain number otherwise.
+fn amount(metric: i32, n: u64) -> String {
+    if metric == Metric::CostNusd as i32 {
+        format!("${}", format_usd(n))
+    } else {
+        n.to_string()
+    }
+}
+
+fn format_ms(ms: u64) -> String {
+    if ms.is_multiple_of(1_000) {
+        format!("{}s", ms / 1_000)
+    } else {
+        format!("{}.{:03}s", ms / 1_000, ms % 1_000)
+    }
+}
+
+fn standing_line(s: &QuotaStanding) -> String {
+    let key = if s.key.is_empty() {
+        String::new()
+    } else {
+        format!(" [{}]", s.key.join(","))
+    };
+    format!(
+        "{}{key} ({} {}): used {} reserved {} of {}, remaining {}, resets in {}",
+        s.quota,
+        enforcement_name(s.enforcement),
+        metric_label(s.metric),
+        amount(s.metric, s.used),
+        amount(s.metric, s.reserved),
+        amount(s.metric, s.limit),
+        amount(s.metric, s.remaining),
+        format_ms(s.reset_in_ms),
+    )
+}
+
+/// A quota standing as JSON (amounts as integers in the metric's unit; nano-dollars for cost).
+pub fn standing_json(s: &QuotaStanding) -> serde_json::Value {
+    serde_json::json!({
+        "quota": s.quota,
+        "key": s.key,
+        "metric": metric_name(s.metric),
+        "enforcement": enforcement_name(s.enforcement),
+        "limit": s.limit,
+        "used": s.used,
+        "reserved": s.reserved,
+        "remaining": s.remaining,
+        "reset_in_ms": s.reset_in_ms,
+    })
+}
+
+/// Renders a usage receipt for people.
+///
+/// ```text
+/// request req-1: recorded as seq 7 at 2026-11-23T12:00:00Z, cost $0.004000000 (price version 2)
+/// ```
+pub fn render_receipt(receipt: &UsageReceipt) -> String {
+    use usage_receipt::Result as R;
+    let mut out = format!("request {}: ", receipt.request_id);
+    match &receipt.result {
+        Some(R::Recorded(r)) => {
+            let _ = write!(
+                out,
+                "recorded as seq {} at {}, cost ${}",
+                r.seq,
+                format_time_ms(r.at_ms),
+                format_usd(r.cost_nusd)
+            );
+            if r.price_version == 0 {
+                out.push_str(" (model not priced)");
+            } else {
+                let _ = write!(out, " (price version {})", r.price_version);
+            }
+            if r.settled == Settled::Reservation as i32 || r.settled == Settled::Lapsed as i32 {
+                let _ = write!(out, ", settled {}", settled_name(r.settled));
+            }
+            if r.overshoot_tokens > 0 || r.overshoot_cost_nusd > 0 {
+                let _ = write!(
+                    out,
+                    ", {} tokens (${}) over the estimate",
+                    r.overshoot_tokens,
+                    format_usd(r.overshoot_cost_nusd)
+                );
+            }
+            out.push('\n');
+            for s in &r.over {
+                let _ = writeln!(out, "  over quota: {}", standing_line(s));
+            }
+        }
+        Some(R::Reserved(r)) => {
+            let _ = writeln!(out, "reserved until {}", format_time_ms(r.expires_ms));
+            for s in &r.standings {
+                let _ = writeln!(out, "  {}", standing_line(s));
+            }
+        }
+        Some(R::Denied(d)) => {
+            out.push_str("denied\n");
+            if let Some(s) = &d.standing {
+                let _ = writeln!(out, "  no room in quota: {}", standing_line(s));
+            }
+        }
+        Some(R::Released(r)) => {
+            out.push_str(if r.found {
+                "reservation released\n"
+            } else {
+                "no open reservation to release\n"
+            });
+        }
+        None => out.push_str("no result\n"),
+    }
+    if receipt.duplicate {
+        out.push_str("  (a retry: this is the first answer again; nothing counted twice)\n");
+    }
+    out
+}
+
+/// A usage receipt as JSON for scripts: `request_id`, `duplicate`, `result` (`recorded`,
+/// `reserved`, `denied`, `released` or null) and the result's fields.
+pub fn receipt_json(receipt: &UsageReceipt) -> serde_json::Value {
+    use usage_receipt::Result as R;
+    let standings = |s: &[QuotaStanding]| s.iter().map(standing_json).collect::<Vec<_>>();
+    let (result, detail) = match &receipt.result {
+        Some(R::Recorded(r)) => (
+            "recorded",
+            serde_json::json!({
+                "seq": r.seq,
+                "at_ms": r.at_ms,
+                "cost_nusd": r.cost_nusd,
+                "cost_usd": format_usd(r.cost_nusd),
+                "price_version": r.price_version,
+                "settled": settled_name(r.settled),
+                "overshoot_tokens": r.overshoot_tokens,
+                "overshoot_cost_nusd": r.overshoot_cost_nusd,
+                "over": standings(&r.over),
+            }),
+        ),
+        Some(R::Reserved(r)) => (
+            "reserved",
+            serde_json::json!({
+                "expires_ms": r.expires_ms,
+                "standings": standings(&r.standings),
+            }),
+        ),
+        Some(R::Denied(d)) => (
+            "denied",
+            serde_json::json!({ "standing": d.standing.as_ref().map(standing_json) }),
+        ),
+        Some(R::Released(r)) => ("released", serde_json::json!({ "found": r.found })),
+        None => ("none", serde_json::json!({})),
+    };
+    let mut object = serde_json::json!({
+        "request_id": receipt.request_id,
+        "duplicate": receipt.duplicate,
+        "result": result,
+    });
+    if let (Some(o), serde_json::Value::Object(d)) = (object.as_object_mut(), detail) {
+        o.extend(d);
+    }
+    object
+}
+
+fn tags_json(tags: &[Tag]) -> serde_json::Value {
+    tags.iter()
+        .map(|t| (t.key.clone(), serde_json::Value::String(t.value.clone())))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+/// One usage record as one JSON object (what `tally usage export` prints per line): every
+/// field of the record, tags as an object, cost as integer `cost_nusd` and as a `cost_usd`
+/// string.
+pub fn usage_record_json(r: &UsageRecord) -> serde_json::Value {
+    serde_json::json!({
+        "seq": r.seq,
+        "at_ms": r.at_ms,
+        "at": format_time_ms(r.at_ms),
+        "request_id": r.request_id,
+        "subject": r.subject,
+        "subscription": r.subscription,
+        "model": r.model,
+        "tags": tags_json(&r.tags),
+        "input_tokens": r.input_tokens,
+        "output_tokens": r.output_tokens,
+        "cached_input_tokens": r.cached_input_tokens,
+        "reasoning_tokens": r.reasoning_tokens,
+        "cost_nusd": r.cost_nusd,
+        "cost_usd": format_usd(r.cost_nusd),
+        "price_version": r.price_version,
+    })
+}
+
+/// One query row as JSON: `period_start_ms`, `period_start`, `group` (an object from each
+/// `group_by` dimension to its value), the sums, and cost as `cost_nusd` and `cost_usd`.
+pub fn usage_row_json(row: &UsageRow, group_by: &[String]) -> serde_json::Value {
+    let group: serde_json::Map<String, serde_json::Value> = group_by
+        .iter()
+        .zip(&row.group)
+        .map(|(d, v)| (d.clone(), serde_json::Value::String(v.clone())))
+        .collect();
+    serde_json::json!({
+        "period_start_ms": row.period_start_ms,
+        "period_start": format_time_ms(row.period_start_ms),
+        "group": group,
+        "requests": row.requests,
+        "input_tokens": row.input_tokens,
+        "output_tokens": row.output_tokens,
+        "cached_input_tokens": row.cached_input_tokens,
+        "reasoning_tokens": row.reasoning_tokens,
+        "cost_nusd": row.cost_nusd,
+        "cost_usd": format_usd(row.cost_nusd),
+    })
+}
+
+/// Lays out rows under a header, columns two spaces apart, the last one unpadded.
+fn table(header: &[String], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for cells in std::iter::once(header).chain(rows.iter().map(Vec::as_slice)) {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<width$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Renders query rows as a table: `PERIOD` (RFC 3339, UTC), one column per `group_by`
+/// dimension, `REQUESTS INPUT OUTPUT CACHED REASONING COST_USD`; or `(no usage)`.
+pub fn render_usage_rows(rows: &[UsageRow], group_by: &[String]) -> String {
+    if rows.is_empty() {
+        return "(no usage)\n".to_string();
+    }
+    let mut header = vec!["PERIOD".to_string()];
+    header.extend(group_by.iter().map(|d| d.to_ascii_uppercase()));
+    header.extend(
+        [
+            "REQUESTS",
+            "INPUT",
+            "OUTPUT",
+            "CACHED",
+            "REASONING",
+            "COST_USD",
+        ]
+        .map(String::from),
+    );
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![format_time_ms(r.period_start_ms)];
+            row.extend((0..group_by.len()).map(|i| match r.group.get(i) {
+                Some(v) if !v.is_empty() => v.clone(),
+                _ => "-".to_string(),
+            }));
+            row.extend([
+                r.requests.to_string(),
+                r.input_tokens.to_string(),
+                r.output_tokens.to_string(),
+                r.cached_input_tokens.to_string(),
+                r.reasoning_tokens.to_string(),
+                format_usd(r.cost_nusd),
+            ]);
+            row
+        })
+        .collect();
+    table(&header, &cells)
+}
+
+/// Renders a usage overview as a table
+/// (`QUOTA KEY METRIC ENFORCEMENT LIMIT USED RESERVED REMAINING RESET_IN`), cost amounts in
+/// dollars; or `(no quotas apply)`.
+pub fn render_overview(overview: &GetUsageOverviewResponse) -> String {
+    if overview.standings.is_empty() {
+        return "(no quotas apply)\n".to_string();
+    }
+    let header = [
+        "QUOTA",
+        "KEY",
+        "METRIC",
+        "ENFORCEMENT",
+        "LIMIT",
+        "USED",
+        "RESERVED",
+        "REMAINING",
+        "RESET_IN",
+    ]
+    .map(String::from);
+    let rows: Vec<Vec<String>> = overview
+        .standings
+        .iter()
+        .map(|s| {
+            vec![
+                s.quota.clone(),
+                if s.key.is_empty() {
+                    "-".to_string()
+                } else {
+                    s.key.join(",")
+                },
+                metric_label(s.metric),
+                enforcement_name(s.enforcement),
+                amount(s.metric, s.limit),
+                amount(s.metric, s.used),
+                amount(s.metric, s.reserved),
+                amount(s.metric, s.remaining),
+                format_ms(s.reset_in_ms),
+            ]
+        })
+        .collect();
+    table(&header, &rows)
+}
+
+/// Renders the price catalog: its version, then a table of each model's prices in nano-dollars
+/// per token, and (exactly) in dollars per million tokens, input / cached input / output.
+///
+/// ```text
+/// price catalog version 2
+/// MODEL   INPUT_NUSD  CACHED_INPUT_NUSD  OUTPUT_NUSD  USD_PER_1M_TOKENS
+/// gpt-4o  2500        1250               10000        2.500 / 1.250 / 10.000
+/// ```
+pub fn render_prices(prices: &ListPricesResponse) -> String {
+    let mut out = format!("price catalog version {}\n", prices.version);
+    if prices.models.is_empty() {
+        out.push_str("(no models priced)\n");
+        return out;
+    }
+    let header = [
+        "MODEL",
+        "INPUT_NUSD",
+        "CACHED_INPUT_NUSD",
+        "OUTPUT_NUSD",
+        "USD_PER_1M_TOKENS",
+    ]
+    .map(String::from);
+    // n nano-dollars per token × 10^6 tokens = n milli-dollars.
+    let per_million = |nusd: u64| format!("{}.{:03}", nusd / 1_000, nusd % 1_000);
+    let rows: Vec<Vec<String>> = prices
+        .models
+        .iter()
+        .map(|m| {
+            vec![
+                m.model.clone(),
+                m.input_nusd.to_string(),
+                m.cached_input_nusd.to_string(),
+                m.output_nusd.to_string(),
+                format!(
+                    "{} / {} / {}",
+                    per_million(m.input_nusd),
+                    per_million(m.cached_input_nusd),
+                    per_million(m.output_nusd)
+                ),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&header, &rows));
+    out
+}
+
+/// A price as JSON: `{model, input_nusd, cached_input_nusd, output_nusd}` (the shape
+/// [`parse_price_catalog`] reads back).
+pub fn price_json(m: &ModelPrice) -> serde_json::Value {
+    serde_json::json!({
+        "model": m.model,
+        "input_nusd": m.input_nusd,
+        "cached_input_nusd": m.cached_input_nusd,
+        "output_nusd": m.output_nusd,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1329,6 +2130,321 @@ mod tests {
         );
         let e = ClientError::from(tonic::Status::unavailable(""));
         assert_eq!(e.to_string(), "server answered Unavailable");
+    }
+
+    #[test]
+    fn usd_is_formatted_with_integers() {
+        assert_eq!(format_usd(0), "0.000000000");
+        assert_eq!(format_usd(1), "0.000000001");
+        assert_eq!(format_usd(1_234_567), "0.001234567");
+        assert_eq!(format_usd(1_000_000_000), "1.000000000");
+        assert_eq!(format_usd(u64::MAX), "18446744073.709551615");
+    }
+
+    #[test]
+    fn times_parse_as_rfc3339_or_unix_ms() {
+        const T: i64 = 1_795_435_200_000; // 2026-11-23T12:00:00Z
+        assert_eq!(parse_time_ms("2026-11-23T12:00:00Z"), Ok(T));
+        assert_eq!(parse_time_ms("2026-11-23t12:00:00z"), Ok(T));
+        assert_eq!(parse_time_ms("2026-11-23 12:00:00Z"), Ok(T));
+        assert_eq!(parse_time_ms("2026-11-23T13:30:00+01:30"), Ok(T));
+        assert_eq!(parse_time_ms("2026-11-23T07:00:00-05:00"), Ok(T));
+        assert_eq!(parse_time_ms("2026-11-23T12:00:00.25Z"), Ok(T + 250));
+        assert_eq!(parse_time_ms("2026-11-23T12:00:00.123000Z"), Ok(T + 123));
+        assert_eq!(parse_time_ms("1970-01-01T00:00:00Z"), Ok(0));
+        assert_eq!(parse_time_ms("1969-12-31T23:59:59Z"), Ok(-1_000));
+        assert_eq!(parse_time_ms("2024-02-29T00:00:00Z"), Ok(1_709_164_800_000));
+        assert_eq!(parse_time_ms("1795435200000"), Ok(T));
+        assert_eq!(parse_time_ms("0"), Ok(0));
+        for bad in [
+            "",
+            "yesterday",
+            "2026-11-23",
+            "2026-11-23T12:00:00",
+            "2026-11-23T12:00Z",
+            "2026-13-01T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-11-31T00:00:00Z",
+            "2026-11-23T24:00:00Z",
+            "2026-11-23T12:00:60Z",
+            "2026-11-23T12:00:00.1234Z",
+            "2026-11-23T12:00:00.Z",
+            "2026-11-23T12:00:00+0100",
+            "2026-11-23T12:00:00+24:00",
+            "-5",
+            "99999999999999999999",
+            "2026-11-23T12:00:00Zjunk",
+            "２026-11-23T12:00:00Z",
+        ] {
+            assert!(parse_time_ms(bad).is_err(), "{bad:?} is refused");
+        }
+    }
+
+    #[test]
+    fn times_format_as_utc_rfc3339_and_round_trip() {
+        assert_eq!(format_time_ms(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_time_ms(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(format_time_ms(1_795_435_200_000), "2026-11-23T12:00:00Z");
+        for ms in [
+            0,
+            -86_400_000,
+            951_782_400_000,
+            1_709_164_800_123,
+            4_102_444_800_000,
+        ] {
+            assert_eq!(parse_time_ms(&format_time_ms(ms)), Ok(ms), "{ms}");
+        }
+    }
+
+    #[test]
+    fn tags_and_granularities_parse() {
+        assert_eq!(
+            parse_tag("team=a=b"),
+            Ok(Tag {
+                key: "team".into(),
+                value: "a=b".into()
+            })
+        );
+        assert!(parse_tag("=x").unwrap_err().contains("empty key"));
+        assert!(parse_tag("x").unwrap_err().contains("no `=`"));
+        assert_eq!(parse_granularity("Day"), Ok(Granularity::Day));
+        assert_eq!(parse_granularity("total"), Ok(Granularity::Total));
+        assert!(parse_granularity("week").is_err());
+    }
+
+    #[test]
+    fn price_catalogs_parse_strictly() {
+        let text = r#"[
+            {"model": "gpt-4o", "input_nusd": 2500, "cached_input_nusd": 1250, "output_nusd": 10000},
+            {"model": "mini", "input_nusd": 150, "cached_input_nusd": 75, "output_nusd": 600}
+        ]"#;
+        let models = parse_price_catalog(text).unwrap();
+        assert_eq!(models.len(), 2);
+        assert_eq!(
+            models[0],
+            ModelPrice {
+                model: "gpt-4o".into(),
+                input_nusd: 2_500,
+                cached_input_nusd: 1_250,
+                output_nusd: 10_000
+            }
+        );
+        let wrapped = format!(r#"{{"models": {text}}}"#);
+        assert_eq!(parse_price_catalog(&wrapped).unwrap(), models);
+        assert_eq!(parse_price_catalog("[]").unwrap(), []);
+        let reason = |t: &str| parse_price_catalog(t).unwrap_err();
+        assert!(reason("{").contains("not valid JSON"));
+        assert!(reason(r#"{"model": "x"}"#).contains("expected a list"));
+        assert!(reason("[1]").contains("models[0] must be an object"));
+        let r = reason(
+            r#"[{"model": "x", "input_nusd": 1, "cached_input_nusd": 1, "output_nusd": 1, "outptu_nusd": 2}]"#,
+        );
+        assert!(r.contains("unknown field `outptu_nusd`"), "{r}");
+        let r = reason(r#"[{"model": "x", "input_nusd": 1, "output_nusd": 1}]"#);
+        assert!(r.contains("models[0].cached_input_nusd is missing"), "{r}");
+        for v in ["2.5", "-1", "\"3\"", "1e3"] {
+            let r = reason(&format!(
+                r#"[{{"model": "x", "input_nusd": {v}, "cached_input_nusd": 1, "output_nusd": 1}}]"#
+            ));
+            assert!(
+                r.contains("models[0].input_nusd must be a whole number"),
+                "{v}: {r}"
+            );
+        }
+        assert!(
+            reason(r#"[{"model": 5, "input_nusd": 1, "cached_input_nusd": 1, "output_nusd": 1}]"#)
+                .contains("models[0].model must be a string")
+        );
+    }
+
+    fn standing(metric: Metric) -> QuotaStanding {
+        QuotaStanding {
+            quota: "budget".into(),
+            key: vec!["k1".into()],
+            metric: metric as i32,
+            enforcement: Enforcement::Hard as i32,
+            limit: 5_000_000_000,
+            used: 1_234_567,
+            reserved: 0,
+            remaining: 4_998_765_433,
+            reset_in_ms: 90_500,
+        }
+    }
+
+    #[test]
+    fn receipts_render_for_people_and_scripts() {
+        let receipt = UsageReceipt {
+            request_id: "req-1".into(),
+            duplicate: true,
+            result: Some(usage_receipt::Result::Recorded(usage_receipt::Recorded {
+                seq: 7,
+                at_ms: 1_795_435_200_000,
+                cost_nusd: 1_234_567,
+                price_version: 2,
+                settled: Settled::NoReservation as i32,
+                overshoot_tokens: 0,
+                overshoot_cost_nusd: 0,
+                over: vec![standing(Metric::CostNusd)],
+            })),
+        };
+        let text = render_receipt(&receipt);
+        assert!(
+            text.starts_with(
+                "request req-1: recorded as seq 7 at 2026-11-23T12:00:00Z, cost $0.001234567 (price version 2)\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("over quota: budget [k1] (hard cost): used $0.001234567 reserved $0.000000000 of $5.000000000"),
+            "{text}"
+        );
+        assert!(text.contains("resets in 90.500s"), "{text}");
+        assert!(text.contains("a retry"), "{text}");
+        let json = receipt_json(&receipt);
+        assert_eq!(json["result"], "recorded");
+        assert_eq!(json["duplicate"], true);
+        assert_eq!(json["seq"], 7);
+        assert_eq!(json["cost_nusd"], 1_234_567);
+        assert_eq!(json["cost_usd"], "0.001234567");
+        assert_eq!(json["settled"], "no_reservation");
+        assert_eq!(json["over"][0]["metric"], "cost_nusd");
+
+        let denied = UsageReceipt {
+            request_id: "r".into(),
+            duplicate: false,
+            result: Some(usage_receipt::Result::Denied(usage_receipt::Denied {
+                standing: Some(standing(Metric::TotalTokens)),
+            })),
+        };
+        let text = render_receipt(&denied);
+        assert!(text.starts_with("request r: denied\n"), "{text}");
+        assert!(
+            text.contains("used 1234567 reserved 0 of 5000000000"),
+            "{text}"
+        );
+        assert_eq!(receipt_json(&denied)["result"], "denied");
+    }
+
+    #[test]
+    fn usage_rows_render_as_a_table_and_json() {
+        assert_eq!(render_usage_rows(&[], &[]), "(no usage)\n");
+        let group_by = vec!["subject".to_string(), "tag:team".to_string()];
+        let rows = vec![
+            UsageRow {
+                period_start_ms: 1_795_435_200_000,
+                group: vec!["alice".into(), "search".into()],
+                requests: 2,
+                input_tokens: 1_000,
+                output_tokens: 200,
+                cached_input_tokens: 400,
+                reasoning_tokens: 50,
+                cost_nusd: 4_000_000,
+            },
+            UsageRow {
+                period_start_ms: 1_795_438_800_000,
+                group: vec!["bob".into(), String::new()],
+                requests: 1,
+                ..Default::default()
+            },
+        ];
+        let text = render_usage_rows(&rows, &group_by);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert!(
+            lines[0].starts_with("PERIOD                SUBJECT  TAG:TEAM  REQUESTS"),
+            "{text}"
+        );
+        assert!(lines[0].ends_with("REASONING  COST_USD"), "{text}");
+        assert!(
+            lines[1].starts_with("2026-11-23T12:00:00Z  alice    search    2"),
+            "{text}"
+        );
+        assert!(lines[1].ends_with("0.004000000"), "{text}");
+        assert!(
+            lines[2].starts_with("2026-11-23T13:00:00Z  bob      -         1"),
+            "{text}"
+        );
+        let json = usage_row_json(&rows[0], &group_by);
+        assert_eq!(json["group"]["subject"], "alice");
+        assert_eq!(json["group"]["tag:team"], "search");
+        assert_eq!(json["period_start"], "2026-11-23T12:00:00Z");
+        assert_eq!(json["cost_usd"], "0.004000000");
+        assert_eq!(json["cached_input_tokens"], 400);
+    }
+
+    #[test]
+    fn overview_and_prices_render() {
+        assert_eq!(
+            render_overview(&GetUsageOverviewResponse::default()),
+            "(no quotas apply)\n"
+        );
+        let text = render_overview(&GetUsageOverviewResponse {
+            standings: vec![standing(Metric::CostNusd), standing(Metric::Requests)],
+        });
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("QUOTA   KEY  METRIC"), "{text}");
+        assert!(
+            lines[1].contains("k1   cost      hard         $5.000000000"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("k1   requests  hard         5000000000"),
+            "{text}"
+        );
+        assert!(lines[2].ends_with("90.500s"), "{text}");
+
+        let prices = ListPricesResponse {
+            version: 3,
+            models: vec![ModelPrice {
+                model: "gpt-4o".into(),
+                input_nusd: 2_500,
+                cached_input_nusd: 1_250,
+                output_nusd: 10_000,
+            }],
+        };
+        let text = render_prices(&prices);
+        assert!(text.starts_with("price catalog version 3\n"), "{text}");
+        assert!(text.contains("2.500 / 1.250 / 10.000"), "{text}");
+        assert_eq!(
+            render_prices(&ListPricesResponse::default()),
+            "price catalog version 0\n(no models priced)\n"
+        );
+        // What `prices list --json` prints is what `prices set` reads.
+        let json = serde_json::Value::Array(prices.models.iter().map(price_json).collect());
+        assert_eq!(
+            parse_price_catalog(&json.to_string()).unwrap(),
+            prices.models
+        );
+    }
+
+    #[test]
+    fn records_are_json_lines_with_integer_money() {
+        let record = UsageRecord {
+            seq: 12,
+            at_ms: 1_795_435_200_000,
+            request_id: "req-12".into(),
+            subject: "k1".into(),
+            subscription: "free".into(),
+            model: "gpt-4o".into(),
+            tags: vec![Tag {
+                key: "team".into(),
+                value: "search".into(),
+            }],
+            input_tokens: 10,
+            output_tokens: 5,
+            cached_input_tokens: 2,
+            reasoning_tokens: 1,
+            cost_nusd: 1_234_567,
+            price_version: 1,
+        };
+        let json = usage_record_json(&record);
+        let line = json.to_string();
+        assert!(!line.contains('\n'));
+        assert_eq!(json["seq"], 12);
+        assert_eq!(json["tags"]["team"], "search");
+        assert_eq!(json["cost_nusd"], 1_234_567);
+        assert_eq!(json["cost_usd"], "0.001234567");
+        assert_eq!(json["at"], "2026-11-23T12:00:00Z");
     }
 
     #[tokio::test]

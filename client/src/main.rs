@@ -3,10 +3,15 @@
 //! Exit codes: 0 when the answer is OK (or the command succeeded), 1 when a rate-limit answer
 //! is OVER_LIMIT, 2 on any error (bad arguments, connection, gRPC error, timeout, or an
 //! answer whose overall code is neither OK nor OVER_LIMIT).
+//!
+//! Money is shown to people as US dollars with 9 decimals (computed in integers); JSON output
+//! keeps integer nano-dollars (`cost_nusd`) beside the dollar string (`cost_usd`).
 
 // clap help text in doc comments uses brackets that are not links.
 #![allow(rustdoc::broken_intra_doc_links)]
 
+use std::io::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -14,9 +19,14 @@ use clap::{Args, Parser, Subcommand};
 use tally_client::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use tally_client::proto::envoy::service::ratelimit::v3::RateLimitResponse;
 use tally_client::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
+use tally_client::proto::tally::v1::{
+    Granularity, QueryUsageRequest, ReportUsageRequest, Tag, UsageFilter,
+};
 use tally_client::{
-    ClientError, TallyClient, parse_descriptor, render_limits, render_response, render_status,
-    response_json, status_fields,
+    ClientError, TallyClient, parse_descriptor, parse_granularity, parse_price_catalog, parse_tag,
+    parse_time_ms, price_json, receipt_json, render_limits, render_overview, render_prices,
+    render_receipt, render_response, render_status, render_usage_rows, response_json,
+    standing_json, status_fields, usage_record_json, usage_row_json,
 };
 
 const EXIT_OK: u8 = 0;
@@ -95,6 +105,152 @@ enum Command {
         #[arg(long, value_name = "DOMAIN")]
         domain: Option<String>,
         /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Metering (tally.v1.Usage): report usage, query it, see quota standings, export the
+    /// usage ledger
+    #[command(subcommand)]
+    Usage(UsageCommand),
+    /// The price catalog (tally.v1.Usage/SetPrices, ListPrices)
+    #[command(subcommand)]
+    Prices(PricesCommand),
+}
+
+const USAGE_QUERY_HELP: &str = "\
+Times are RFC 3339 with an offset (2026-11-01T00:00:00Z, 2026-11-01T00:00:00+01:00) or Unix
+milliseconds. Except at minute granularity they must fall on a quarter hour. PERIOD is shown
+in UTC; --tz decides where hours, days and months begin.
+
+Examples:
+  tally usage query --from 2026-11-01T00:00:00+01:00 --to 2026-12-01T00:00:00+01:00 \\
+    --group-by subject,model --granularity day --tz Europe/Berlin
+  tally usage query --from 1795435200000 --to 1795438800000 --group-by tag:team --json";
+
+const USAGE_EXPORT_HELP: &str = "\
+Prints one JSON object per usage record on stdout, in seq order, each record exactly once;
+then `last_seq=N records=M` on stderr (also after an error, for what was written). A billing
+job stores N and resumes with --after N.";
+
+const PRICES_SET_HELP: &str = "\
+The file is JSON: a list of models, each with every field (nano-dollars per token):
+  [{\"model\": \"gpt-4o\", \"input_nusd\": 2500, \"cached_input_nusd\": 1250, \"output_nusd\": 10000}]
+It replaces the whole catalog: models not listed are no longer priced.";
+
+#[derive(Debug, Subcommand)]
+enum UsageCommand {
+    /// Record a finished request's usage (once per request id: a retry counts nothing twice)
+    Report(ReportArgs),
+    /// Sums of usage over a time range, grouped and bucketed, as a table
+    #[command(after_help = USAGE_QUERY_HELP)]
+    Query(QueryArgs),
+    /// A subject's standing against every quota that applies to it, as a table
+    Overview {
+        /// The subject (API key id)
+        #[arg(long, value_name = "SUBJECT")]
+        subject: String,
+        /// Its subscription, for quotas per subscription
+        #[arg(long, value_name = "SUBSCRIPTION", default_value = "")]
+        subscription: String,
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export usage records after a seq as JSON lines (for billing jobs)
+    #[command(after_help = USAGE_EXPORT_HELP)]
+    Export {
+        /// Export the records after this seq (the last one a previous export printed)
+        #[arg(long, value_name = "SEQ", default_value_t = 0)]
+        after: u64,
+        /// Export at most this many records; 0 for all
+        #[arg(long, value_name = "N", default_value_t = 0)]
+        max: u64,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// Idempotency key of the request (a retry with the same id is not counted again)
+    #[arg(long, value_name = "ID")]
+    request_id: String,
+    /// Who is charged: the API key id
+    #[arg(long, value_name = "SUBJECT")]
+    subject: String,
+    /// The subject's subscription (tier)
+    #[arg(long, value_name = "SUBSCRIPTION", default_value = "")]
+    subscription: String,
+    /// The model (priced by the catalog)
+    #[arg(long, value_name = "MODEL", default_value = "")]
+    model: String,
+    /// Prompt tokens, cached ones included
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    input: u64,
+    /// Completion tokens, reasoning ones included
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    output: u64,
+    /// Prompt tokens served from a cache (part of --input)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    cached_input: u64,
+    /// Completion tokens spent reasoning (part of --output)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    reasoning: u64,
+    /// An attribution tag, key=value; repeat for several
+    #[arg(long = "tag", value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tags: Vec<Tag>,
+    /// Print the receipt as a JSON object
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct QueryArgs {
+    /// Start of the range (inclusive): RFC 3339 or Unix ms
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    from: i64,
+    /// End of the range (exclusive): RFC 3339 or Unix ms
+    #[arg(long, value_name = "TIME", value_parser = parse_time_ms)]
+    to: i64,
+    /// Dimensions to group by, comma-separated: subject, subscription, model, tag:KEY
+    #[arg(long, value_name = "DIMS", value_delimiter = ',')]
+    group_by: Vec<String>,
+    /// Period of each row: minute, hour, day, month or total
+    #[arg(long, value_name = "PERIOD", default_value = "total", value_parser = parse_granularity)]
+    granularity: Granularity,
+    /// IANA time zone periods are taken in (e.g. Europe/Berlin)
+    #[arg(long, value_name = "ZONE", default_value = "UTC")]
+    tz: String,
+    /// Only this subject's usage
+    #[arg(long, value_name = "SUBJECT")]
+    subject: Option<String>,
+    /// Only this subscription's usage
+    #[arg(long, value_name = "SUBSCRIPTION")]
+    subscription: Option<String>,
+    /// Only this model's usage
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+    /// Only usage with this tag, key=value
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_tag)]
+    tag: Option<Tag>,
+    /// Print one JSON object per row (JSON lines) instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum PricesCommand {
+    /// Replace the whole price catalog from a JSON file
+    #[command(after_help = PRICES_SET_HELP)]
+    Set {
+        /// The catalog file
+        #[arg(long, value_name = "PATH")]
+        file: PathBuf,
+        /// Print {"version": N} instead of a sentence
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the price catalog in force
+    List {
+        /// Print a JSON object {"version": N, "models": [...]} instead of a table
         #[arg(long)]
         json: bool,
     },
@@ -307,6 +463,161 @@ async fn run(cli: Cli) -> Result<u8, ClientError> {
             }
             Ok(EXIT_OK)
         }
+        Command::Usage(command) => run_usage(&client, command).await,
+        Command::Prices(command) => run_prices(&client, command).await,
+    }
+}
+
+async fn run_usage(client: &TallyClient, command: UsageCommand) -> Result<u8, ClientError> {
+    match command {
+        UsageCommand::Report(args) => {
+            let receipt = client
+                .report_usage(ReportUsageRequest {
+                    request_id: args.request_id,
+                    subject: args.subject,
+                    subscription: args.subscription,
+                    model: args.model,
+                    input_tokens: args.input,
+                    output_tokens: args.output,
+                    cached_input_tokens: args.cached_input,
+                    reasoning_tokens: args.reasoning,
+                    tags: args.tags,
+                })
+                .await?;
+            if args.json {
+                println!("{}", receipt_json(&receipt));
+            } else {
+                print!("{}", render_receipt(&receipt));
+            }
+            Ok(EXIT_OK)
+        }
+        UsageCommand::Query(args) => {
+            let filter = UsageFilter {
+                subject: args.subject,
+                subscription: args.subscription,
+                model: args.model,
+                tag: args.tag,
+            };
+            let response = client
+                .query_usage(QueryUsageRequest {
+                    start_ms: args.from,
+                    end_ms: args.to,
+                    group_by: args.group_by.clone(),
+                    granularity: args.granularity as i32,
+                    time_zone: args.tz,
+                    filter: Some(filter),
+                })
+                .await?;
+            if args.json {
+                for row in &response.rows {
+                    println!("{}", usage_row_json(row, &args.group_by));
+                }
+            } else {
+                print!("{}", render_usage_rows(&response.rows, &args.group_by));
+            }
+            Ok(EXIT_OK)
+        }
+        UsageCommand::Overview {
+            subject,
+            subscription,
+            json,
+        } => {
+            let overview = client.usage_overview(&subject, &subscription).await?;
+            if json {
+                let array: Vec<serde_json::Value> =
+                    overview.standings.iter().map(standing_json).collect();
+                println!("{}", serde_json::Value::Array(array));
+            } else {
+                print!("{}", render_overview(&overview));
+            }
+            Ok(EXIT_OK)
+        }
+        UsageCommand::Export { after, max } => export(client, after, max).await,
+    }
+}
+
+/// Streams an export to stdout as JSON lines; reports the last seq written on stderr, also
+/// when the export stops on an error (so a job can resume from it).
+async fn export(client: &TallyClient, after: u64, max: u64) -> Result<u8, ClientError> {
+    let mut export = client.export_usage(after, max).await?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let (mut last_seq, mut records) = (after, 0u64);
+    let mut failure = None;
+    loop {
+        match export.next().await {
+            Ok(Some(record)) => {
+                if let Err(e) = writeln!(out, "{}", usage_record_json(&record)) {
+                    failure = Some(stdout_error(e));
+                    break;
+                }
+                last_seq = record.seq;
+                records += 1;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    if let Err(e) = out.flush() {
+        // What reached stdout is unknown: claim no seq.
+        return Err(stdout_error(e));
+    }
+    drop(out);
+    eprintln!("last_seq={last_seq} records={records}");
+    match failure {
+        None => Ok(EXIT_OK),
+        Some(e) => Err(e),
+    }
+}
+
+fn stdout_error(e: std::io::Error) -> ClientError {
+    ClientError::InvalidInput {
+        what: "output".to_string(),
+        reason: format!("cannot write to stdout: {e}"),
+    }
+}
+
+async fn run_prices(client: &TallyClient, command: PricesCommand) -> Result<u8, ClientError> {
+    match command {
+        PricesCommand::Set { file, json } => {
+            let what = format!("price file {}", file.display());
+            let invalid = |reason: String| ClientError::InvalidInput {
+                what: what.clone(),
+                reason,
+            };
+            let extension = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+            if matches!(extension, "yaml" | "yml") {
+                return Err(invalid(
+                    "YAML price files are not supported by this build; write the catalog as JSON"
+                        .to_string(),
+                ));
+            }
+            let text = std::fs::read_to_string(&file).map_err(|e| invalid(e.to_string()))?;
+            let models = parse_price_catalog(&text).map_err(invalid)?;
+            let count = models.len();
+            let version = client.set_prices(models).await?;
+            if json {
+                println!("{}", serde_json::json!({ "version": version }));
+            } else {
+                println!("price catalog version {version} in force ({count} models)");
+            }
+            Ok(EXIT_OK)
+        }
+        PricesCommand::List { json } => {
+            let prices = client.list_prices().await?;
+            if json {
+                let models: Vec<serde_json::Value> = prices.models.iter().map(price_json).collect();
+                println!(
+                    "{}",
+                    serde_json::json!({ "version": prices.version, "models": models })
+                );
+            } else {
+                print!("{}", render_prices(&prices));
+            }
+            Ok(EXIT_OK)
+        }
     }
 }
 
@@ -388,6 +699,104 @@ mod tests {
         assert!(err.to_string().contains("empty key"), "{err}");
         let err = Cli::try_parse_from(["tally", "check", "--domain", "d"]).unwrap_err();
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn usage_subcommands_parse() {
+        let cli = Cli::try_parse_from([
+            "tally",
+            "usage",
+            "report",
+            "--request-id",
+            "r1",
+            "--subject",
+            "k1",
+            "--model",
+            "gpt-4o",
+            "--input",
+            "100",
+            "--cached-input",
+            "40",
+            "--tag",
+            "team=search",
+            "--tag",
+            "env=",
+        ])
+        .unwrap();
+        let Command::Usage(UsageCommand::Report(args)) = cli.command else {
+            panic!("expected usage report");
+        };
+        assert_eq!((args.input, args.cached_input, args.output), (100, 40, 0));
+        assert_eq!(args.tags.len(), 2);
+        assert_eq!(
+            (args.tags[1].key.as_str(), args.tags[1].value.as_str()),
+            ("env", "")
+        );
+
+        let cli = Cli::try_parse_from([
+            "tally",
+            "usage",
+            "query",
+            "--from",
+            "2026-11-01T00:00:00+01:00",
+            "--to",
+            "1795435200000",
+            "--group-by",
+            "subject,model,tag:team",
+            "--granularity",
+            "HOUR",
+            "--tz",
+            "Europe/Berlin",
+        ])
+        .unwrap();
+        let Command::Usage(UsageCommand::Query(args)) = cli.command else {
+            panic!("expected usage query");
+        };
+        assert_eq!(args.from, 1_793_487_600_000);
+        assert_eq!(args.to, 1_795_435_200_000);
+        assert_eq!(args.group_by, ["subject", "model", "tag:team"]);
+        assert_eq!(args.granularity, Granularity::Hour);
+        assert_eq!(args.tag, None);
+
+        let err = Cli::try_parse_from([
+            "tally",
+            "usage",
+            "query",
+            "--from",
+            "yesterday",
+            "--to",
+            "0",
+        ])
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("RFC 3339"), "{err}");
+        let err = Cli::try_parse_from([
+            "tally",
+            "usage",
+            "report",
+            "--request-id",
+            "r",
+            "--subject",
+            "s",
+            "--tag",
+            "novalue",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("key=value"), "{err}");
+
+        let cli = Cli::try_parse_from(["tally", "usage", "export", "--after", "1200"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Usage(UsageCommand::Export {
+                after: 1200,
+                max: 0
+            })
+        ));
+        let cli = Cli::try_parse_from(["tally", "prices", "set", "--file", "p.json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Prices(PricesCommand::Set { .. })
+        ));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Layout (mirrors the proto packages):
 //! - [`envoy`]: the Envoy RLS v3 subset (`envoy.service.ratelimit.v3`) and the messages it uses.
 //! - [`kuadrant`]: Limitador's `kuadrant.service.ratelimit.v1` (CheckRateLimit, Report).
-//! - [`tally`]: Tally's own `tally.v1` API.
+//! - [`tally`]: Tally's own `tally.v1` API (every `tally/v1/*.proto` shares the package, so
+//!   `Admin`, `Usage`, `Cluster`, ... all live in [`tally::v1`]).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC reflection.
 
 #![allow(clippy::all, missing_docs)]

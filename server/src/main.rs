@@ -5,11 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
 use tally_server::api::ResponseOptions;
 use tally_server::config::Format;
-use tally_server::engine::EngineSettings;
+use tally_server::engine::{self, CommandError, EngineSettings};
 use tally_server::node::{
     BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
 };
@@ -62,7 +62,8 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(100..))]
     snapshot_every: u64,
 
-    /// Limits file. Without it, the embedded example limits are served.
+    /// Limits file: limits, and in the native format also `metering` (quotas and model
+    /// prices). Without it, the embedded example is served.
     #[arg(long, env = "TALLY_LIMITS")]
     limits: Option<PathBuf>,
 
@@ -71,7 +72,9 @@ struct Args {
     limits_format: Option<Format>,
 
     /// How often the limits file is checked for changes, in ms; 0 disables reloading.
-    /// A changed file that does not load is logged and the limits in force stay.
+    /// A changed file that does not load is logged and the limits, quotas and prices in
+    /// force stay. Its prices are set only if they differ from those in force (they may
+    /// also be set over the API: the last writer wins).
     #[arg(long, env = "TALLY_LIMITS_POLL_MS", default_value_t = 1_000)]
     limits_poll_ms: u64,
 
@@ -82,8 +85,42 @@ struct Args {
 
     /// Most counters held in memory; a request that would create more is refused with
     /// RESOURCE_EXHAUSTED (Envoy then applies its failure mode).
-    #[arg(long, env = "TALLY_MAX_COUNTERS", default_value_t = tally_server::engine::DEFAULT_MAX_COUNTERS)]
+    #[arg(long, env = "TALLY_MAX_COUNTERS", default_value_t = engine::DEFAULT_MAX_COUNTERS)]
     max_counters: u64,
+
+    /// Most request ids remembered for exactly-once usage (report, reserve, commit); a
+    /// command with a new id beyond it is refused with RESOURCE_EXHAUSTED until retention
+    /// frees some (never forgetting an id early).
+    #[arg(long, env = "TALLY_MAX_REQUEST_IDS", default_value_t = engine::DEFAULT_MAX_REQUEST_IDS)]
+    max_request_ids: u64,
+
+    /// How long a settled request id is remembered: a retry within it gets its first answer
+    /// again and counts nothing twice. A duration (ms, s, m, h, d, w: 24h, 7d); at least 1h,
+    /// the longest reservation.
+    #[arg(long, env = "TALLY_REQUEST_ID_RETENTION", default_value = "24h",
+          value_parser = duration_ms, value_name = "DURATION")]
+    request_id_retention: u64,
+
+    /// Most quota counters held at once; usage that needs a new one beyond it is refused with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TALLY_MAX_QUOTA_COUNTERS", default_value_t = engine::DEFAULT_MAX_QUOTA_COUNTERS)]
+    max_quota_counters: u64,
+
+    /// Most usage records (one per request) kept for usage export and minute-level queries;
+    /// the oldest are dropped first.
+    #[arg(long, env = "TALLY_MAX_USAGE_RECORDS", default_value_t = engine::DEFAULT_MAX_USAGE_RECORDS)]
+    max_usage_records: u64,
+
+    /// Most 15-minute usage aggregate rows kept for usage queries; the oldest period is
+    /// dropped first.
+    #[arg(long, env = "TALLY_MAX_USAGE_BUCKETS", default_value_t = engine::DEFAULT_MAX_USAGE_BUCKETS)]
+    max_usage_buckets: u64,
+
+    /// How long 15-minute usage aggregates are kept for usage queries. A duration (ms, s, m,
+    /// h, d, w: 400d, 13w); at least 1d.
+    #[arg(long, env = "TALLY_USAGE_RETENTION", default_value = "400d",
+          value_parser = duration_ms, value_name = "DURATION")]
+    usage_retention: u64,
 
     /// Most commands applied in one batch.
     #[arg(long, env = "TALLY_BATCH_MAX_COMMANDS", default_value_t = 512,
@@ -117,6 +154,41 @@ struct Args {
     /// Log filter (tracing-subscriber syntax, e.g. `info` or `tally_server=debug`).
     #[arg(long, env = "TALLY_LOG", default_value = "info,openraft=warn")]
     log: String,
+}
+
+/// A duration flag (`24h`, `400d`), in milliseconds.
+fn duration_ms(s: &str) -> Result<u64, String> {
+    tally_server::config::parse_duration_ms(s)
+}
+
+/// The engine settings the flags give, checked; an error names the flag.
+fn engine_settings(args: &Args) -> anyhow::Result<EngineSettings> {
+    let settings = EngineSettings {
+        max_counters: args.max_counters,
+        max_request_ids: args.max_request_ids,
+        request_id_retention_ms: args.request_id_retention,
+        max_quota_counters: args.max_quota_counters,
+        max_usage_records: args.max_usage_records,
+        max_usage_buckets: args.max_usage_buckets,
+        usage_bucket_retention_ms: args.usage_retention,
+    };
+    settings.validate().map_err(|e| match e {
+        CommandError::Invalid { field, reason } => {
+            let flag = match field.as_str() {
+                "max_counters" => "--max-counters",
+                "max_request_ids" => "--max-request-ids",
+                "request_id_retention_ms" => "--request-id-retention",
+                "max_quota_counters" => "--max-quota-counters",
+                "max_usage_records" => "--max-usage-records",
+                "max_usage_buckets" => "--max-usage-buckets",
+                "usage_bucket_retention_ms" => "--usage-retention",
+                other => other,
+            };
+            anyhow!("{flag}: {reason}")
+        }
+        other => anyhow!("engine settings: {other}"),
+    })?;
+    Ok(settings)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -184,6 +256,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: Args) -> anyhow::Result<()> {
+    let engine = engine_settings(&args)?;
     init_logging(&args)?;
     let limits = match &args.limits {
         Some(path) => LimitsSource::File(path.clone()),
@@ -199,10 +272,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         response: ResponseOptions {
             draft03_headers: args.ratelimit_headers == Headers::Draft03,
         },
-        engine: EngineSettings {
-            max_counters: args.max_counters,
-            ..EngineSettings::default()
-        },
+        engine,
         batch: BatchConfig {
             max_batch_commands: args.batch_max_commands as usize,
             batch_linger: Duration::from_micros(args.batch_linger_us),
@@ -234,4 +304,112 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let listeners = server::Listeners { grpc, http, raft };
     server::run(listeners, config, shutdown_signal()).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn args(flags: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("tallyd").chain(flags.iter().copied()))
+    }
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn default_flags_are_the_default_engine_settings() {
+        let settings = engine_settings(&args(&[]).unwrap()).unwrap();
+        assert_eq!(settings, EngineSettings::default());
+    }
+
+    #[test]
+    fn metering_flags_set_the_engine_settings() {
+        let a = args(&[
+            "--max-counters",
+            "7",
+            "--max-request-ids",
+            "10",
+            "--request-id-retention",
+            "2h",
+            "--max-quota-counters",
+            "11",
+            "--max-usage-records",
+            "12",
+            "--max-usage-buckets",
+            "13",
+            "--usage-retention",
+            "30d",
+        ])
+        .unwrap();
+        assert_eq!(
+            engine_settings(&a).unwrap(),
+            EngineSettings {
+                max_counters: 7,
+                max_request_ids: 10,
+                request_id_retention_ms: 7_200_000,
+                max_quota_counters: 11,
+                max_usage_records: 12,
+                max_usage_buckets: 13,
+                usage_bucket_retention_ms: 30 * 86_400_000,
+            }
+        );
+    }
+
+    #[test]
+    fn bad_metering_flags_name_the_flag() {
+        let e = args(&["--usage-retention", "5 days"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--usage-retention") && e.contains("unknown unit"),
+            "{e}"
+        );
+        let e = args(&["--request-id-retention", "24"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--request-id-retention") && e.contains("no unit"),
+            "{e}"
+        );
+        for (flags, expected) in [
+            (
+                &["--max-request-ids", "0"][..],
+                "--max-request-ids: must be at least 1",
+            ),
+            (
+                &["--max-quota-counters", "0"],
+                "--max-quota-counters: must be at least 1",
+            ),
+            (
+                &["--max-usage-records", "0"],
+                "--max-usage-records: must be at least 1",
+            ),
+            (
+                &["--max-usage-buckets", "0"],
+                "--max-usage-buckets: must be at least 1",
+            ),
+            (
+                &["--max-counters", "0"],
+                "--max-counters: must be at least 1",
+            ),
+            (
+                &["--request-id-retention", "59m"],
+                "--request-id-retention: must be at least the longest reservation",
+            ),
+            (
+                &["--usage-retention", "23h"],
+                "--usage-retention: must be at least a day",
+            ),
+        ] {
+            let e = engine_settings(&args(flags).unwrap())
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(expected), "{flags:?}: {e}");
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! Wiring for `tallyd`: the node, the gRPC, Raft and HTTP listeners, limit-file reload,
-//! shutdown.
+//! Wiring for `tallyd`: the node, the gRPC, Raft and HTTP listeners, limit-file reload
+//! (limits, quotas and prices), shutdown.
 //!
 //! `run(listeners, config, shutdown)` serves until `shutdown` completes, then stops accepting,
 //! lets in-flight calls finish, stops Raft and returns. Tests bind port 0 and use [`spawn`].
@@ -21,7 +21,8 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::api::http::Readiness;
 use crate::api::{self, ResponseOptions};
-use crate::config::{self, Format};
+use crate::config::{self, Config, Format, Metering};
+use crate::engine::usage::{PriceCatalog, QuotaSet};
 use crate::engine::{Command, EngineSettings, LimitSet, Outcome};
 use crate::node::raft_types::NodeId;
 use crate::node::{BatchConfig, Clock, Node, NodeConfig, NodeError, RaftTimings, SystemClock};
@@ -105,6 +106,10 @@ pub enum ServerError {
     },
     #[error("limits refused by the engine: {0}")]
     LimitsRejected(crate::engine::CommandError),
+    #[error("quotas refused by the engine: {0}")]
+    QuotasRejected(crate::engine::CommandError),
+    #[error("prices refused by the engine: {0}")]
+    PricesRejected(crate::engine::CommandError),
     #[error("node: {0}")]
     Node(#[from] crate::node::NodeStartError),
     #[error("limits not put in force: {0}")]
@@ -217,7 +222,9 @@ async fn run_with(
     tonic::transport::Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .add_routes(api::grpc_routes(node.clone(), config.response).await)
+        .add_routes(
+            api::grpc_routes_with_stop(node.clone(), config.response, stop_rx.clone()).await,
+        )
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await?;
     http_task.await.map_err(std::io::Error::other)??;
@@ -247,13 +254,15 @@ async fn serve_raft(
     Ok(())
 }
 
-/// Proposes this node's engine settings and the limits loaded at start, retrying while there
-/// is no leader, then marks the node ready. In a cluster every replica switches at the same
-/// log index (the last node to start sets them: give every node the same flags and file).
+/// Proposes this node's engine settings and the file loaded at start (limits, then quotas,
+/// then prices if the file has any and they differ from those in force), retrying while
+/// there is no leader, then marks the node ready. In a cluster every replica switches at the
+/// same log index (the last node to start sets them: give every node the same flags and
+/// file). If the engine refuses any of them the node never becomes ready.
 async fn put_limits_in_force(
     node: Node,
     settings: EngineSettings,
-    set: LimitSet,
+    config: Config,
     readiness: Readiness,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -265,17 +274,28 @@ async fn put_limits_in_force(
             Err(e) => Err(ServerError::NotInForce(e)),
         };
         let result = match configured {
-            Ok(()) => replace_limits(&node, set.clone()).await,
+            Ok(()) => apply_config(&node, config.clone()).await,
             Err(e) => Err(e),
         };
         match result {
-            Ok((limits, kept)) => {
-                tracing::info!(limits, kept, "limits in force");
+            Ok(applied) => {
+                tracing::info!(
+                    limits = applied.limits,
+                    kept = applied.limits_kept,
+                    quotas = applied.quotas,
+                    quotas_kept = applied.quotas_kept,
+                    prices = %applied.prices,
+                    "limits, quotas and prices in force"
+                );
                 readiness.set_ready();
                 return;
             }
-            Err(ServerError::LimitsRejected(e)) => {
-                tracing::error!(error = %e, "initial limits refused by the engine");
+            Err(
+                e @ (ServerError::LimitsRejected(_)
+                | ServerError::QuotasRejected(_)
+                | ServerError::PricesRejected(_)),
+            ) => {
+                tracing::error!(error = %e, "initial configuration refused by the engine; not ready");
                 return;
             }
             Err(e) => tracing::debug!(error = %e, "initial limits not yet in force; retrying"),
@@ -387,7 +407,7 @@ fn fingerprint(text: &str) -> u64 {
     h.finish()
 }
 
-async fn load_initial(config: &ServerConfig) -> Result<(LimitSet, u64), ServerError> {
+async fn load_initial(config: &ServerConfig) -> Result<(Config, u64), ServerError> {
     match &config.limits {
         LimitsSource::File(path) => {
             let text =
@@ -398,11 +418,11 @@ async fn load_initial(config: &ServerConfig) -> Result<(LimitSet, u64), ServerEr
                         error,
                     })?;
             let origin = path.display().to_string();
-            let set = config::parse_limits(&text, config.limits_format, &origin)?;
-            Ok((set, fingerprint(&text)))
+            let parsed = config::parse_config(&text, config.limits_format, &origin)?;
+            Ok((parsed, fingerprint(&text)))
         }
         LimitsSource::Inline { origin, text } => Ok((
-            config::parse_limits(text, config.limits_format, origin)?,
+            config::parse_config(text, config.limits_format, origin)?,
             fingerprint(text),
         )),
     }
@@ -417,8 +437,108 @@ async fn replace_limits(node: &Node, set: LimitSet) -> Result<(u64, u64), Server
     }
 }
 
-/// Polls the limits file; a changed file that parses is proposed as the new limit set, one
-/// that does not is logged and the limits in force stay.
+async fn replace_quotas(node: &Node, set: QuotaSet) -> Result<(u64, u64), ServerError> {
+    match node.propose(Command::ReplaceQuotas(set)).await {
+        Ok(Outcome::QuotasReplaced { quotas, kept }) => Ok((quotas, kept)),
+        Ok(Outcome::Rejected(e)) => Err(ServerError::QuotasRejected(e)),
+        Ok(other) => panic!("ReplaceQuotas answered with {other:?}"),
+        Err(e) => Err(ServerError::NotInForce(e)),
+    }
+}
+
+/// What became of a file's prices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PricesApplied {
+    /// The file has no `prices:` list: the prices in force were left alone.
+    NotInFile,
+    /// The file's prices are the ones in force already (version): nothing proposed.
+    Unchanged { version: u64 },
+    /// The file's prices were set as this new version.
+    Set { version: u64 },
+}
+
+impl std::fmt::Display for PricesApplied {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PricesApplied::NotInFile => f.write_str("left alone (the file sets none)"),
+            PricesApplied::Unchanged { version } => {
+                write!(f, "version {version} (the file's, unchanged)")
+            }
+            PricesApplied::Set { version } => write!(f, "version {version} set from the file"),
+        }
+    }
+}
+
+/// Whether two catalogs price every model the same, whatever their order.
+fn same_prices(a: &PriceCatalog, b: &PriceCatalog) -> bool {
+    fn sorted(c: &PriceCatalog) -> Vec<&crate::engine::usage::ModelPrice> {
+        let mut models: Vec<_> = c.models.iter().collect();
+        models.sort_by(|x, y| x.model.cmp(&y.model));
+        models
+    }
+    a.models.len() == b.models.len() && sorted(a) == sorted(b)
+}
+
+/// Proposes the file's prices when it has some and they differ from those in force.
+///
+/// Prices can also be set over the API: the last writer wins, and a file re-applies its
+/// prices (at start, or when it changes) only if they differ from those in force.
+async fn put_prices(
+    node: &Node,
+    prices: Option<PriceCatalog>,
+) -> Result<PricesApplied, ServerError> {
+    let Some(catalog) = prices else {
+        return Ok(PricesApplied::NotInFile);
+    };
+    let (version, same) = node
+        .read(|e| {
+            let (version, in_force) = e.prices();
+            (version, same_prices(&catalog, in_force))
+        })
+        .await
+        .map_err(ServerError::NotInForce)?;
+    if same {
+        return Ok(PricesApplied::Unchanged { version });
+    }
+    match node.propose(Command::SetPrices(catalog)).await {
+        Ok(Outcome::PricesSet { version }) => Ok(PricesApplied::Set { version }),
+        Ok(Outcome::Rejected(e)) => Err(ServerError::PricesRejected(e)),
+        Ok(other) => panic!("SetPrices answered with {other:?}"),
+        Err(e) => Err(ServerError::NotInForce(e)),
+    }
+}
+
+/// What one application of a file put in force.
+struct Applied {
+    limits: u64,
+    limits_kept: u64,
+    quotas: u64,
+    quotas_kept: u64,
+    prices: PricesApplied,
+}
+
+/// Puts a parsed file in force: its limits, its quotas (always, an empty set when it has
+/// none), then its prices (when it has some and they differ). Each is one command; the
+/// first refused stops the rest.
+async fn apply_config(node: &Node, config: Config) -> Result<Applied, ServerError> {
+    let Config {
+        limits,
+        metering: Metering { prices, quotas },
+    } = config;
+    let (limits, limits_kept) = replace_limits(node, limits).await?;
+    let (quotas, quotas_kept) = replace_quotas(node, quotas).await?;
+    let prices = put_prices(node, prices).await?;
+    Ok(Applied {
+        limits,
+        limits_kept,
+        quotas,
+        quotas_kept,
+        prices,
+    })
+}
+
+/// Polls the limits file; a changed file that parses is put in force (limits, quotas,
+/// prices: [`apply_config`]), one that does not is logged and everything in force stays.
 async fn watch_limits(
     path: PathBuf,
     format: Option<Format>,
@@ -427,6 +547,7 @@ async fn watch_limits(
     node: Node,
     mut stop: watch::Receiver<bool>,
 ) {
+    let mut retry = false;
     loop {
         tokio::select! {
             _ = tokio::time::sleep(poll) => {}
@@ -440,24 +561,42 @@ async fn watch_limits(
             }
         };
         let print = fingerprint(&text);
-        if print == last {
+        if print == last && !retry {
             continue;
         }
+        // Tried again at the next poll only if it could not be proposed (no leader for now).
         last = print;
+        retry = false;
         let origin = path.display().to_string();
         let parsed =
-            tokio::task::spawn_blocking(move || config::parse_limits(&text, format, &origin)).await;
+            tokio::task::spawn_blocking(move || config::parse_config(&text, format, &origin)).await;
         match parsed {
-            Ok(Ok(set)) => match replace_limits(&node, set).await {
-                Ok((limits, kept)) => {
-                    tracing::info!(path = %path.display(), limits, kept, "limits reloaded")
+            Ok(Ok(parsed)) => match apply_config(&node, parsed).await {
+                Ok(applied) => tracing::info!(
+                    path = %path.display(),
+                    limits = applied.limits,
+                    kept = applied.limits_kept,
+                    quotas = applied.quotas,
+                    quotas_kept = applied.quotas_kept,
+                    prices = %applied.prices,
+                    "limits file reloaded"
+                ),
+                Err(e @ ServerError::NotInForce(_)) => {
+                    // Re-proposing is harmless (unchanged limits and quotas keep their
+                    // counters, unchanged prices are not set again): try the whole file again.
+                    tracing::warn!(error = %e, "limits file reload not in force yet; retrying");
+                    retry = true;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "limits reload refused; limits in force stay")
-                }
+                // Limits, quotas and prices are put in force one after the other: what
+                // was applied before the refusal stays.
+                Err(e) => tracing::error!(error = %e, "limits file reload refused"),
             },
-            Ok(Err(e)) => tracing::error!(error = %e, "limits file refused; limits in force stay"),
-            Err(e) => tracing::error!(error = %e, "limits parser failed; limits in force stay"),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "limits file refused; everything in force stays")
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "limits parser failed; everything in force stays")
+            }
         }
     }
 }

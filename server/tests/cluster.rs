@@ -527,15 +527,26 @@ async fn usage_reports_retried_across_a_leader_failover_count_once() {
                     first.insert(r.request_id.clone(), r.result);
                 }
                 Some(f) => {
-                    assert!(r.duplicate, "second answer for {} not a duplicate", r.request_id);
-                    assert_eq!(&r.result, f, "retry of {} answered differently", r.request_id);
+                    assert!(
+                        r.duplicate,
+                        "second answer for {} not a duplicate",
+                        r.request_id
+                    );
+                    assert_eq!(
+                        &r.result, f,
+                        "retry of {} answered differently",
+                        r.request_id
+                    );
                     duplicates += 1;
                 }
             }
         }
     }
     assert_eq!(first.len(), TASKS * REPORTS);
-    assert!(duplicates >= TASKS * REPORTS - TASKS, "retries answered as duplicates");
+    assert!(
+        duplicates >= TASKS * REPORTS - TASKS,
+        "retries answered as duplicates"
+    );
     let new_leader = c.leader(Some(leader as u64)).await as usize;
     let records = c
         .node(new_leader)
@@ -554,4 +565,119 @@ async fn usage_reports_retried_across_a_leader_failover_count_once() {
         };
         assert_eq!(*seq, r.seq, "answer and ledger agree on {}", r.request_id);
     }
+}
+
+/// 64 concurrent streams, spread over all three nodes, reserve an estimate against a hard
+/// token budget while none has settled: exactly as many are admitted as the budget holds
+/// (never more). Then they commit (actual ≤ estimate) or release, concurrently: every hold
+/// is freed and exactly the committed usage is recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_concurrent_reservations_never_exceed_a_hard_budget() {
+    use tally_server::engine::usage::{Attribution, Commit, Reserve, Tokens, UsageResult};
+    use tally_server::engine::{Command, Outcome};
+    const STREAMS: usize = 64;
+    const BUDGET: u64 = 2_000;
+    const ESTIMATE: u64 = 150;
+    let text = format!(
+        "{LIMITS}\nmetering:\n  quotas:\n    - name: budget\n      per: [subject]\n      metric: total_tokens\n      limit: {BUDGET}\n      window: 1h\n"
+    );
+    let config = ServerConfig {
+        limits: LimitsSource::Inline {
+            origin: "test limits".into(),
+            text,
+        },
+        ..base()
+    };
+    let c = Cluster::three(config, Arc::new(ManualClock::new(T0_MS))).await;
+    let nodes: Vec<_> = (1..=3).map(|i| c.node(i).node().unwrap()).collect();
+    let propose = |s: usize, cmd: Command| {
+        let node = nodes[s % 3].clone();
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(Duration::from_secs(10), node.propose(cmd))
+                .await
+                .expect("answered in time")
+                .expect("proposed");
+            match answer {
+                Outcome::Usage(r) => r.result,
+                other => panic!("{other:?}"),
+            }
+        })
+    };
+    let reserves: Vec<_> = (0..STREAMS)
+        .map(|s| {
+            let cmd = Command::Reserve(Reserve {
+                request_id: format!("stream-{s}"),
+                who: Attribution {
+                    subject: "key".into(),
+                    ..Attribution::default()
+                },
+                estimate: Tokens {
+                    input: ESTIMATE,
+                    ..Tokens::default()
+                },
+                ttl_ms: 60_000,
+            });
+            propose(s, cmd)
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for (s, t) in reserves.into_iter().enumerate() {
+        match t.await.unwrap() {
+            UsageResult::Reserved { .. } => admitted.push(s),
+            UsageResult::Denied { standing } => {
+                assert!(
+                    standing.used + standing.reserved + ESTIMATE > BUDGET,
+                    "{standing:?}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(
+        admitted.len() as u64,
+        BUDGET / ESTIMATE,
+        "admitted {admitted:?}"
+    );
+    // Even streams finish having used 100 tokens; odd ones are cancelled.
+    let settles: Vec<_> = admitted
+        .iter()
+        .map(|&s| {
+            let request_id = format!("stream-{s}");
+            let cmd = if s % 2 == 0 {
+                Command::Commit(Commit {
+                    request_id,
+                    tokens: Tokens {
+                        input: 50,
+                        output: 50,
+                        ..Tokens::default()
+                    },
+                })
+            } else {
+                Command::Release { request_id }
+            };
+            propose(s, cmd)
+        })
+        .collect();
+    for t in settles {
+        let r = t.await.unwrap();
+        assert!(
+            matches!(
+                r,
+                UsageResult::Recorded { .. } | UsageResult::Released { found: true }
+            ),
+            "{r:?}"
+        );
+    }
+    let committed = admitted.iter().filter(|s| *s % 2 == 0).count() as u64;
+    let leader = c.leader(None).await as usize;
+    let standing = c
+        .node(leader)
+        .node()
+        .unwrap()
+        .read_linearizable(|e| e.usage_overview("key", ""))
+        .await
+        .unwrap();
+    assert_eq!(standing.len(), 1);
+    assert_eq!(standing[0].reserved, 0, "every hold was settled");
+    assert_eq!(standing[0].used, committed * 100);
 }

@@ -14,8 +14,8 @@ use proptest::prelude::*;
 use tally_server::engine::limits::{CalendarUnit, WindowSpec};
 use tally_server::engine::usage::{
     Attribution, Commit, Dimension, Enforcement, EventKind, Granularity, Metric, ModelPrice,
-    PriceCatalog, QuotaFilter, QuotaSet, QuotaSpec, Receipt, ReportUsage, Reserve, Settled,
-    Tokens, UsageQuery, UsageResult, UsageSums,
+    PriceCatalog, QuotaFilter, QuotaSet, QuotaSpec, Receipt, ReportUsage, Reserve, Settled, Tokens,
+    UsageQuery, UsageResult, UsageSums,
 };
 use tally_server::engine::{Command, CommandError, Engine, EngineSettings, Outcome};
 
@@ -112,7 +112,10 @@ fn engine_with(quotas: Vec<QuotaSpec>, prices: Vec<ModelPrice>) -> Engine {
         ],
     );
     assert!(matches!(out[0], Outcome::QuotasReplaced { .. }), "{out:?}");
-    assert!(matches!(out[1], Outcome::PricesSet { version: 1 }), "{out:?}");
+    assert!(
+        matches!(out[1], Outcome::PricesSet { version: 1 }),
+        "{out:?}"
+    );
     e
 }
 
@@ -208,14 +211,27 @@ proptest! {
 #[test]
 fn a_commit_retried_after_its_reservation_settled_counts_once() {
     let mut e = engine_with(
-        vec![quota("daily", Metric::TotalTokens, 1_000, Some(fixed_day()))],
+        vec![quota(
+            "daily",
+            Metric::TotalTokens,
+            1_000,
+            Some(fixed_day()),
+        )],
         vec![],
     );
-    let r = one(&mut e, T0, reserve("a", who("k", "", ""), tokens(100, 100), 60_000));
+    let r = one(
+        &mut e,
+        T0,
+        reserve("a", who("k", "", ""), tokens(100, 100), 60_000),
+    );
     assert!(matches!(receipt(&r).result, UsageResult::Reserved { .. }));
     let c1 = one(&mut e, T0 + 1, commit("a", tokens(50, 50)));
     let c2 = one(&mut e, T0 + 2, commit("a", tokens(50, 50)));
-    let rep = one(&mut e, T0 + 3, report("a", who("k", "", ""), tokens(50, 50)));
+    let rep = one(
+        &mut e,
+        T0 + 3,
+        report("a", who("k", "", ""), tokens(50, 50)),
+    );
     assert!(!receipt(&c1).duplicate);
     assert!(receipt(&c2).duplicate && receipt(&rep).duplicate);
     assert_eq!(receipt(&c2).result, receipt(&c1).result);
@@ -238,11 +254,18 @@ fn a_full_request_id_table_refuses_new_ids_and_forgets_only_after_retention() {
     }
     let refused = one(&mut e, T0 + HOUR, report("c", w.clone(), tokens(1, 1)));
     assert!(
-        matches!(&refused, Outcome::Rejected(CommandError::UsageTableFull { max: 2, .. })),
+        matches!(
+            &refused,
+            Outcome::Rejected(CommandError::UsageTableFull { max: 2, .. })
+        ),
         "{refused:?}"
     );
     // Still remembered inside retention: the retry is a duplicate, not a new record.
-    let retry = one(&mut e, T0 + 2 * HOUR - 1, report("a", w.clone(), tokens(1, 1)));
+    let retry = one(
+        &mut e,
+        T0 + 2 * HOUR - 1,
+        report("a", w.clone(), tokens(1, 1)),
+    );
     assert!(receipt(&retry).duplicate);
     // Past retention the ids are forgotten and new ones fit.
     let later = one(&mut e, T0 + 2 * HOUR, report("c", w, tokens(1, 1)));
@@ -256,7 +279,9 @@ fn a_full_request_id_table_refuses_new_ids_and_forgets_only_after_retention() {
 // ---------------------------------------------------------------------------------------------
 
 fn fixed_day() -> WindowSpec {
-    WindowSpec::Fixed { duration_ms: DAY as u64 }
+    WindowSpec::Fixed {
+        duration_ms: DAY as u64,
+    }
 }
 
 proptest! {
@@ -281,14 +306,13 @@ proptest! {
         );
         let w = who("k", "", "");
         let mut admitted: BTreeMap<usize, u64> = BTreeMap::new();
-        let mut step: Vec<Command> = plan
+        let mut pending: Vec<Command> = plan
             .iter()
             .enumerate()
             .map(|(i, (est, _, _))| reserve(&format!("s{i}"), w.clone(), tokens(*est, 0), 10_000))
             .collect();
         let mut at = T0;
         let mut sizes = batch_sizes.iter().cycle();
-        let mut pending = step.drain(..).collect::<Vec<_>>();
         let mut recorded = 0u64;
         while !pending.is_empty() {
             let n = (*sizes.next().unwrap()).min(pending.len());
@@ -345,7 +369,11 @@ fn overshoot_is_recorded_and_reported_and_blocks_the_next_reservation() {
     );
     let w = who("k", "", "m");
     // Estimate 100 in + 100 out = 4,000 nusd; actual 100 in (50 cached) + 300 out = 9,600.
-    let r = one(&mut e, T0, reserve("a", w.clone(), tokens(100, 100), 60_000));
+    let r = one(
+        &mut e,
+        T0,
+        reserve("a", w.clone(), tokens(100, 100), 60_000),
+    );
     assert!(matches!(receipt(&r).result, UsageResult::Reserved { .. }));
     let actual = Tokens {
         input: 100,
@@ -365,7 +393,10 @@ fn overshoot_is_recorded_and_reported_and_blocks_the_next_reservation() {
         panic!("{c:?}")
     };
     assert_eq!(*cost_nusd, 50 * 10 + 50 * 2 + 300 * 30);
-    assert_eq!((overshoot.tokens, overshoot.cost_nusd), (200, 9_600 - 4_000));
+    assert_eq!(
+        (overshoot.tokens, overshoot.cost_nusd),
+        (200, 9_600 - 4_000)
+    );
     assert_eq!((*settled, *price_version), (Settled::Reservation, 1));
     // 9,600 of 10,000 used: an estimate of 4,000 no longer fits.
     let d = one(&mut e, T0 + 2, reserve("b", w, tokens(100, 100), 60_000));
@@ -383,11 +414,27 @@ fn an_expired_reservation_releases_itself_at_the_first_batch_past_its_ttl() {
     );
     let w = who("k", "", "");
     let a = one(&mut e, T0, reserve("a", w.clone(), tokens(1, 0), 5_000));
-    assert!(matches!(receipt(&a).result, UsageResult::Reserved { expires_ms, .. } if expires_ms == T0 + 5_000));
-    let b = one(&mut e, T0 + 4_999, reserve("b", w.clone(), tokens(1, 0), 5_000));
-    assert!(matches!(receipt(&b).result, UsageResult::Denied { .. }), "{b:?}");
-    let c = one(&mut e, T0 + 5_000, reserve("c", w.clone(), tokens(1, 0), 5_000));
-    assert!(matches!(receipt(&c).result, UsageResult::Reserved { .. }), "{c:?}");
+    assert!(
+        matches!(receipt(&a).result, UsageResult::Reserved { expires_ms, .. } if expires_ms == T0 + 5_000)
+    );
+    let b = one(
+        &mut e,
+        T0 + 4_999,
+        reserve("b", w.clone(), tokens(1, 0), 5_000),
+    );
+    assert!(
+        matches!(receipt(&b).result, UsageResult::Denied { .. }),
+        "{b:?}"
+    );
+    let c = one(
+        &mut e,
+        T0 + 5_000,
+        reserve("c", w.clone(), tokens(1, 0), 5_000),
+    );
+    assert!(
+        matches!(receipt(&c).result, UsageResult::Reserved { .. }),
+        "{c:?}"
+    );
     let expired: Vec<_> = e
         .events_after(0, 100)
         .into_iter()
@@ -401,7 +448,10 @@ fn an_expired_reservation_releases_itself_at_the_first_batch_past_its_ttl() {
     let late = one(&mut e, T0 + 6_000, commit("a", tokens(10, 10)));
     assert!(matches!(
         receipt(&late).result,
-        UsageResult::Recorded { settled: Settled::Lapsed, .. }
+        UsageResult::Recorded {
+            settled: Settled::Lapsed,
+            ..
+        }
     ));
     // A commit under an id never reserved is refused, naming the field.
     let unknown = one(&mut e, T0 + 6_001, commit("zzz", tokens(1, 1)));
@@ -489,7 +539,12 @@ struct Sent {
 const SUBJECTS: [&str; 3] = ["k1", "k2", "k3"];
 const MODELS: [&str; 3] = ["small", "large", "unpriced"];
 const TEAMS: [&str; 2] = ["red", "blue"];
-const ZONES: [&str; 4] = ["UTC", "America/New_York", "Asia/Kathmandu", "Australia/Lord_Howe"];
+const ZONES: [&str; 4] = [
+    "UTC",
+    "America/New_York",
+    "Asia/Kathmandu",
+    "Australia/Lord_Howe",
+];
 
 fn arb_sent() -> impl Strategy<Value = (i64, usize, usize, Option<usize>, u64, u64, u64)> {
     (
@@ -601,8 +656,10 @@ proptest! {
             2 => Dimension::Subscription,
             _ => Dimension::Tag("team".into()),
         }).collect();
-        let mut filter = QuotaFilter::default();
-        filter.subject = filter_subject.map(|s| SUBJECTS[s].to_string());
+        let filter = QuotaFilter {
+            subject: filter_subject.map(|s| SUBJECTS[s].to_string()),
+            ..QuotaFilter::default()
+        };
         let q = UsageQuery {
             start_ms: start,
             end_ms: end,
@@ -645,12 +702,19 @@ fn dropped_records_are_refused_not_answered_short() {
         ..EngineSettings::default()
     });
     for i in 0..5 {
-        one(&mut e, T0 + i * MIN, report(&format!("r{i}"), who("k", "", ""), tokens(1, 0)));
+        one(
+            &mut e,
+            T0 + i * MIN,
+            report(&format!("r{i}"), who("k", "", ""), tokens(1, 0)),
+        );
     }
     let err = e.export_usage(1, 10).unwrap_err().to_string();
     assert!(err.contains("before 3"), "{err}");
     let tail = e.export_usage(2, 10).unwrap();
-    assert_eq!(tail.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+    assert_eq!(
+        tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
     let mut q = total_query(T0, T0 + HOUR);
     q.granularity = Granularity::Minute;
     assert!(e.query_usage(&q).is_err());
@@ -675,15 +739,21 @@ fn metering_state_survives_snapshot_and_restore_byte_for_byte() {
         vec![price("m", 10, 1, 20)],
     );
     let w = who("k", "s", "m");
-    e.apply(T0, &[
-        report("a", w.clone(), tokens(100, 100)),
-        reserve("b", w.clone(), tokens(1_000, 1_000), 30_000),
-        reserve("c", w.clone(), tokens(10, 10), 30_000),
-    ]);
+    e.apply(
+        T0,
+        &[
+            report("a", w.clone(), tokens(100, 100)),
+            reserve("b", w.clone(), tokens(1_000, 1_000), 30_000),
+            reserve("c", w.clone(), tokens(10, 10), 30_000),
+        ],
+    );
     let bytes = e.snapshot();
     let mut r = Engine::restore(&bytes).expect("restores");
     assert_eq!(r.snapshot(), bytes);
-    let next = [commit("b", tokens(5, 5)), report("a", w.clone(), tokens(1, 1))];
+    let next = [
+        commit("b", tokens(5, 5)),
+        report("a", w.clone(), tokens(1, 1)),
+    ];
     assert_eq!(e.apply(T0 + 10, &next), r.apply(T0 + 10, &next));
     // Expiry of "c" happens alike on both.
     assert_eq!(e.apply(T0 + 30_000, &[]), r.apply(T0 + 30_000, &[]));

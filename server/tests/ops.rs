@@ -118,8 +118,8 @@ async fn admin_status_and_limits_reflect_the_engine() {
     assert_eq!((s.limits, s.limits_generation), (1, 1));
     assert_eq!(s.last_batch_ms, T0_MS);
     assert_eq!(
-        s.applied_commands, 5,
-        "the settings, the limit set and three requests"
+        s.applied_commands, 6,
+        "the settings, the limit set, the quota set and three requests"
     );
     let l = admin
         .list_limits(ListLimitsRequest { domain: "d".into() })

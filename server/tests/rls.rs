@@ -16,7 +16,9 @@ behaviour_suite!(
     sixty_four_concurrent_clients_admit_exactly_the_limit,
     bad_input_is_invalid_argument_naming_the_field,
     a_full_counter_table_refuses_new_counters_without_half_applying,
+    usage_descriptors_are_recorded_as_usage_once_per_request_id,
 );
+use std::time::{Duration, Instant};
 use tally_proto::envoy::r#type::v3::RateLimitUnit;
 use tonic::Code as GrpcCode;
 
@@ -388,6 +390,104 @@ async fn a_full_counter_table_refuses_new_counters_without_half_applying(topolog
     assert_eq!(
         code(&t.should(req("test", vec![user("3")], 0)).await),
         Code::Ok
+    );
+    t.stop().await;
+}
+
+/// Envoy's stream-done call: an input and an output usage descriptor of one request (with
+/// its `x-request-id` as a `request_id` entry) make one usage record, however often the call
+/// comes; a call without a request id counts once per call; Kuadrant's Report with its
+/// request-level hits records too; a present 0 checks only and records nothing. The token
+/// limit matching the same descriptors is debited as before.
+async fn usage_descriptors_are_recorded_as_usage_once_per_request_id(topology: Topology) {
+    let mut t = start_on(topology, LIMITS, |_| {}).await;
+    let usage = |kind: &str, rid: Option<&str>, n: u64| {
+        let mut entries = vec![
+            ("kind", "tokens"),
+            ("user", "alice"),
+            ("usage", kind),
+            ("api_key", "key-1"),
+            ("model", "m1"),
+            ("tag.team", "red"),
+        ];
+        if let Some(r) = rid {
+            entries.push(("request_id", r));
+        }
+        with_hits(desc(&entries), n)
+    };
+    for _ in 0..3 {
+        let r = t
+            .should(req(
+                "test",
+                vec![
+                    usage("input_tokens", Some("rq-1"), 20),
+                    usage("output_tokens", Some("rq-1"), 5),
+                ],
+                0,
+            ))
+            .await;
+        assert_eq!(code(&r), Code::Ok);
+    }
+    for _ in 0..2 {
+        t.should(req("test", vec![usage("output_tokens", None, 1)], 0))
+            .await;
+    }
+    // Check only: records nothing.
+    t.should(req("test", vec![usage("output_tokens", None, 0)], 0))
+        .await;
+    let mut report = req(
+        "test",
+        vec![desc(&[("usage", "total_tokens"), ("subject", "key-2")])],
+        7,
+    );
+    report.descriptors[0].hits_addend = None;
+    t.kuadrant.report(report).await.unwrap();
+    // This node's applied state (a follower's, with three nodes) once it holds the four.
+    let node = t.server.node().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.read(|e| e.last_usage_seq()).await.unwrap() < 4 {
+        assert!(Instant::now() < deadline, "four records applied within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = node
+        .read(|e| e.export_usage(0, 100))
+        .await
+        .unwrap()
+        .unwrap();
+    let summary: Vec<(String, u64, u64, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r.who.subject.clone(),
+                r.tokens.input,
+                r.tokens.output,
+                r.who.tags.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("key-1".into(), 20, 5, "team=red".into()),
+            ("key-1".into(), 0, 1, "team=red".into()),
+            ("key-1".into(), 0, 1, "team=red".into()),
+            ("key-2".into(), 7, 0, String::new()),
+        ]
+    );
+    assert_eq!(records[0].request_id, "rls:test:rq-1");
+    assert_eq!(records[0].who.model, "m1");
+    // The token limit (100 per rolling minute) saw every call's hits: 3 x 25 + 2 x 1.
+    let probe = with_hits(desc(&[("kind", "tokens"), ("user", "alice")]), 0);
+    let r = t.should(req("test", vec![probe], 0)).await;
+    assert_eq!(r.statuses[0].limit_remaining, 100 - 77);
+    // A usage descriptor without a subject is refused, naming it.
+    let bad = with_hits(desc(&[("usage", "input_tokens")]), 3);
+    let err = t.should_err(req("test", vec![bad], 0)).await;
+    assert_eq!(err.code(), GrpcCode::InvalidArgument);
+    assert!(
+        err.message().contains("descriptors[0].entries"),
+        "{}",
+        err.message()
     );
     t.stop().await;
 }

@@ -7,17 +7,20 @@ use tonic::{Request, Response, Status};
 use super::convert::{self, RequestHits, ResponseOptions};
 use super::deadline;
 use super::rls::decide;
+use super::rls_usage::{self, CallIds};
 use crate::engine::Mode;
 use crate::node::Node;
 
 pub struct Kuadrant {
     node: Node,
     options: ResponseOptions,
+    ids: CallIds,
 }
 
 impl Kuadrant {
     pub fn new(node: Node, options: ResponseOptions) -> Kuadrant {
-        Kuadrant { node, options }
+        let ids = CallIds::new(node.id());
+        Kuadrant { node, options, ids }
     }
 }
 
@@ -38,13 +41,21 @@ impl RateLimitService for Kuadrant {
     }
 
     /// Debits `hits_addend` (taken literally: 0 adds nothing) on every matched counter,
-    /// unconditionally; OVER_LIMIT when a counter now holds more than its capacity.
+    /// unconditionally; OVER_LIMIT when a counter now holds more than its capacity. Usage
+    /// descriptors are also recorded as usage (see `rls_usage`).
     async fn report(
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let deadline = deadline::of(&request);
         let cmd = convert::command(request.into_inner(), Mode::Report, RequestHits::Literal);
-        decide(&self.node, cmd, deadline, self.options).await
+        cmd.validate()?;
+        let reports = rls_usage::reports(&cmd, true, &self.ids)?;
+        let (decision, recorded) = tokio::join!(
+            decide(&self.node, cmd, deadline, self.options),
+            rls_usage::record(&self.node, reports, deadline)
+        );
+        recorded?;
+        decision
     }
 }

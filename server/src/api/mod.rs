@@ -4,7 +4,10 @@
 //! Layout:
 //! - `rls`: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 //! - `kuadrant`: `kuadrant.service.ratelimit.v1.RateLimitService` (CheckRateLimit, Report).
+//! - `rls_usage`: usage descriptors of rate-limit calls (stream-done, Report) as usage reports.
 //! - `admin`: `tally.v1.Admin` (status, limits in force).
+//! - `usage`: `tally.v1.Usage` (usage reports, reservations, prices, billing queries, export,
+//!   quota events), with its wire ⇄ domain conversions in `usage_convert`.
 //! - `convert`: wire ⇄ domain conversions, response headers and bodies.
 //! - `status`: the one place errors become gRPC statuses.
 //! - `http`: `/healthz` and `/readyz`.
@@ -19,11 +22,16 @@ pub mod http;
 mod kuadrant;
 pub mod raft;
 mod rls;
+mod rls_usage;
 pub(crate) mod status;
+mod usage;
+mod usage_convert;
 
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
 use tally_proto::tally::v1::admin_server::AdminServer;
+use tally_proto::tally::v1::usage_server::UsageServer;
+use tokio::sync::watch;
 use tonic::service::Routes;
 
 pub use convert::{OVER_LIMIT_BODY, ResponseOptions};
@@ -34,8 +42,22 @@ use crate::node::Node;
 /// entries of 1 KiB values is about 2 MiB at the extreme), far below memory trouble.
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-/// Every Tally gRPC service, plus gRPC health and reflection, ready to serve.
+/// Every Tally gRPC service, plus gRPC health and reflection, ready to serve. Long-lived
+/// streams (`tally.v1.Usage/WatchEvents`) end only when their client goes away: a server that
+/// shuts down gracefully should use [`grpc_routes_with_stop`].
 pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
+    // A sender dropped at once: the stop never comes.
+    let (_, never) = watch::channel(false);
+    grpc_routes_with_stop(node, options, never).await
+}
+
+/// [`grpc_routes`], with long-lived streams ending once `stop` turns true (the server's
+/// graceful shutdown waits for every open stream, so they must end).
+pub async fn grpc_routes_with_stop(
+    node: Node,
+    options: ResponseOptions,
+    stop: watch::Receiver<bool>,
+) -> Routes {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RateLimitServiceServer<rls::Rls>>()
@@ -46,6 +68,9 @@ pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
     health_reporter
         .set_serving::<AdminServer<admin::Admin>>()
         .await;
+    health_reporter
+        .set_serving::<UsageServer<usage::Usage>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -54,10 +79,13 @@ pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let kuadrant = KuadrantServer::new(kuadrant::Kuadrant::new(node.clone(), options))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let usage = UsageServer::new(usage::Usage::new(node.clone(), stop))
+        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let admin = AdminServer::new(admin::Admin::new(node));
     Routes::new(rls)
         .add_service(kuadrant)
         .add_service(admin)
+        .add_service(usage)
         .add_service(health_service)
         .add_service(reflection)
 }

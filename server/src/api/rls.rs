@@ -7,6 +7,7 @@ use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResp
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, RequestHits, ResponseOptions};
+use super::rls_usage::{self, CallIds};
 use super::{deadline, status};
 use crate::engine::{Command, Mode, Outcome, RateLimitCommand};
 use crate::node::Node;
@@ -14,11 +15,13 @@ use crate::node::Node;
 pub struct Rls {
     node: Node,
     options: ResponseOptions,
+    ids: CallIds,
 }
 
 impl Rls {
     pub fn new(node: Node, options: ResponseOptions) -> Rls {
-        Rls { node, options }
+        let ids = CallIds::new(node.id());
+        Rls { node, options, ids }
     }
 }
 
@@ -58,6 +61,14 @@ impl RateLimitService for Rls {
             Mode::Enforce,
             RequestHits::ZeroMeansOne,
         );
-        decide(&self.node, cmd, deadline, self.options).await
+        cmd.validate()?;
+        // Usage descriptors (Envoy's stream-done call) are recorded and also limited.
+        let reports = rls_usage::reports(&cmd, false, &self.ids)?;
+        let (decision, recorded) = tokio::join!(
+            decide(&self.node, cmd, deadline, self.options),
+            rls_usage::record(&self.node, reports, deadline)
+        );
+        recorded?;
+        decision
     }
 }

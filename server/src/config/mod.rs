@@ -1,10 +1,13 @@
-//! Limit files: loading them into the engine's [`LimitSet`].
+//! Limit files: loading them into the engine's [`LimitSet`], and (native format) the
+//! [`Metering`] configuration: a [`PriceCatalog`](crate::engine::usage::PriceCatalog) and a
+//! [`QuotaSet`](crate::engine::usage::QuotaSet).
 //!
 //! Three formats are read, all YAML:
 //!
 //! - [`Format::Native`]: Tally's own format, a map with `domains` (see [`native`] for the
 //!   full syntax). Descriptor-scoped limits with rolling, fixed, calendar, first-hit and
-//!   token-bucket windows.
+//!   token-bucket windows; and an optional `metering` section with prices and quotas (see
+//!   [`metering`]). The other two formats have no metering.
 //! - [`Format::Limitador`]: Kuadrant/limitador's `limits.yaml`, a list of limits with
 //!   `namespace`, `max_value`, `seconds`, CEL `conditions` and `variables` (see [`limitador`]).
 //! - [`Format::Envoy`]: one envoyproxy/ratelimit config file, a map with `domain` and a tree
@@ -26,6 +29,7 @@
 
 pub mod envoy;
 pub mod limitador;
+pub mod metering;
 pub mod native;
 
 use std::cell::OnceCell;
@@ -40,6 +44,15 @@ use serde_saphyr::{MessageFormatter, Spanned};
 use crate::engine::limits::{
     LimitSet, LimitSpec, MAX_LIMIT_STRING_BYTES, MAX_LIMIT_TERMS, MAX_LIMITS,
 };
+pub use metering::Metering;
+
+/// Everything one limits file configures.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub limits: LimitSet,
+    /// Prices and quotas: the native format's `metering` section (empty for the others).
+    pub metering: Metering,
+}
 
 /// Largest limits file [`load_limits_file`] reads, in bytes.
 pub const MAX_FILE_BYTES: u64 = 64 << 20;
@@ -171,29 +184,48 @@ pub fn detect_format(text: &str) -> Result<Format, ConfigError> {
     on_big_stack("<input>", || detect(&Source::new(text, "<input>")))
 }
 
-/// Parses and validates a limits file's text. `format: None` detects it ([`detect_format`]);
-/// `origin` names the file in error messages.
+/// Parses and validates a limits file's text: its limits and (native format) its metering
+/// section. `format: None` detects it ([`detect_format`]); `origin` names the file in error
+/// messages. A file with an error anywhere is refused whole.
 ///
 /// Runs on a short-lived thread with a large stack (the YAML and CEL parsers recurse), so it
 /// blocks the caller for the length of the parse: call it from a blocking context.
-pub fn parse_limits(
+pub fn parse_config(
     text: &str,
     format: Option<Format>,
     origin: &str,
-) -> Result<LimitSet, ConfigError> {
+) -> Result<Config, ConfigError> {
     on_big_stack(origin, || {
         let src = Source::new(text, origin);
         let format = match format {
             Some(format) => format,
             None => detect(&src)?,
         };
-        let built = match format {
+        let (built, metering) = match format {
             Format::Native => native::parse(&src)?,
-            Format::Limitador => limitador::parse(&src)?,
-            Format::Envoy => envoy::parse(&src)?,
+            Format::Limitador => (limitador::parse(&src)?, Metering::default()),
+            Format::Envoy => (envoy::parse(&src)?, Metering::default()),
         };
-        finish(&src, built)
+        Ok(Config {
+            limits: finish(&src, built)?,
+            metering,
+        })
     })
+}
+
+/// [`parse_config`]'s limits only (the whole file is still validated, metering included).
+pub fn parse_limits(
+    text: &str,
+    format: Option<Format>,
+    origin: &str,
+) -> Result<LimitSet, ConfigError> {
+    parse_config(text, format, origin).map(|c| c.limits)
+}
+
+/// Parses a duration as limits files write it (`500ms`, `90s`, `1m`, `24h`, `400d`, `2w`) into
+/// milliseconds: longer than 0, at most ten years.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    native::parse_duration(s)
 }
 
 /// Runs `f` on a thread with a large stack, and waits for it.
@@ -243,11 +275,20 @@ fn on_big_stack<T: Send>(
     })
 }
 
-/// Reads, parses and validates a limits file. `format: None` detects it ([`detect_format`]).
+/// [`load_config_file`]'s limits only (the whole file is still validated, metering included).
 pub fn load_limits_file(
     path: &std::path::Path,
     format: Option<Format>,
 ) -> Result<LimitSet, ConfigError> {
+    load_config_file(path, format).map(|c| c.limits)
+}
+
+/// Reads, parses and validates a limits file ([`parse_config`]). `format: None` detects it
+/// ([`detect_format`]).
+pub fn load_config_file(
+    path: &std::path::Path,
+    format: Option<Format>,
+) -> Result<Config, ConfigError> {
     let origin = path.display().to_string();
     let read_error = |source| ConfigError::Read {
         origin: origin.clone(),
@@ -277,7 +318,7 @@ pub fn load_limits_file(
             });
         }
     };
-    parse_limits(text, format, &origin)
+    parse_config(text, format, &origin)
 }
 
 fn detect(src: &Source<'_>) -> Result<Format, ConfigError> {
@@ -301,7 +342,7 @@ fn detect(src: &Source<'_>) -> Result<Format, ConfigError> {
     match &root.kind {
         NodeKind::Map(entries) => {
             let has = |k: &str| entries.iter().any(|e| e.key == k);
-            if has("domains") {
+            if has("domains") || has("metering") {
                 Ok(Format::Native)
             } else if has("domain") {
                 Ok(Format::Envoy)
@@ -341,7 +382,7 @@ fn quick_detect(text: &str) -> Option<Format> {
         }
         keys.push(key.trim_end());
     }
-    if keys.contains(&"domains") {
+    if keys.contains(&"domains") || keys.contains(&"metering") {
         Some(Format::Native)
     } else if keys.contains(&"domain") {
         Some(Format::Envoy)
@@ -843,16 +884,24 @@ pub(crate) fn check_string(
     s: &str,
     required: bool,
 ) -> Result<(), ConfigError> {
+    check_string_max(src, path, s, required, MAX_LIMIT_STRING_BYTES)
+}
+
+/// Checks a string against `max` bytes, and that it is not empty if `required`.
+pub(crate) fn check_string_max(
+    src: &Source<'_>,
+    path: &FieldPath,
+    s: &str,
+    required: bool,
+    max: usize,
+) -> Result<(), ConfigError> {
     if required && s.is_empty() {
         return Err(src.invalid(path, "must not be empty".to_owned()));
     }
-    if s.len() > MAX_LIMIT_STRING_BYTES {
+    if s.len() > max {
         return Err(src.invalid(
             path,
-            format!(
-                "{} bytes is longer than the {MAX_LIMIT_STRING_BYTES} bytes allowed",
-                s.len()
-            ),
+            format!("{} bytes is longer than the {max} bytes allowed", s.len()),
         ));
     }
     Ok(())

@@ -1,9 +1,9 @@
 //! Tally's native limits format.
 //!
-//! A YAML map with one key, `domains`: a list of RLS domains, each with its limits. A limit
-//! applies to each descriptor of a request on its own: it matches when all of its `match`
-//! conditions hold on that descriptor's entries, and counts per distinct value of its `by`
-//! entries.
+//! A YAML map with `domains`: a list of RLS domains, each with its limits; and optionally
+//! `metering`: prices and usage quotas (see [`super::metering`]). A limit applies to each
+//! descriptor of a request on its own: it matches when all of its `match` conditions hold on
+//! that descriptor's entries, and counts per distinct value of its `by` entries.
 //!
 //! ```yaml
 //! domains:
@@ -81,7 +81,11 @@ const UNLIMITED_WINDOW: WindowSpec = WindowSpec::Fixed { duration_ms: 1_000 };
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NativeFile {
+    #[serde(default)]
     domains: Vec<DomainRaw>,
+    /// Prices and quotas (see [`super::metering`]).
+    #[serde(default)]
+    metering: Option<super::metering::MeteringRaw>,
 }
 
 #[derive(Deserialize)]
@@ -134,7 +138,7 @@ impl From<AckRaw> for crate::engine::limits::Ack {
 }
 
 /// A YAML map kept in file order (conditions are evaluated in the order written).
-struct OrderedMap<V>(Vec<(String, V)>);
+pub(super) struct OrderedMap<V>(pub(super) Vec<(String, V)>);
 
 impl<V> Default for OrderedMap<V> {
     fn default() -> Self {
@@ -167,7 +171,7 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for OrderedMap<V> {
 
 /// `by: api_key` or `by: [tier, api_key]`.
 #[derive(Default)]
-struct OneOrMany(Vec<String>);
+pub(super) struct OneOrMany(pub(super) Vec<String>);
 
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -175,7 +179,7 @@ impl<'de> Deserialize<'de> for OneOrMany {
         impl<'de> Visitor<'de> for Vis {
             type Value = OneOrMany;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an entry key or a list of entry keys")
+                f.write_str("a name or a list of names")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
                 Ok(OneOrMany(vec![v.to_owned()]))
@@ -277,7 +281,7 @@ impl<'de> Deserialize<'de> for MatchRaw {
 }
 
 /// A `window:` as written.
-enum WindowRaw {
+pub(super) enum WindowRaw {
     /// `window: 90s`.
     Text(String),
     /// `window: 60` (no unit).
@@ -288,17 +292,17 @@ enum WindowRaw {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WindowMap {
+pub(super) struct WindowMap {
     #[serde(default)]
-    fixed: Option<String>,
+    pub(super) fixed: Option<String>,
     #[serde(default)]
-    rolling: Option<String>,
+    pub(super) rolling: Option<String>,
     #[serde(default)]
     resolution: Option<String>,
     #[serde(default)]
-    from_first_hit: Option<String>,
+    pub(super) from_first_hit: Option<String>,
     #[serde(default)]
-    token_bucket: Option<TokenBucketRaw>,
+    pub(super) token_bucket: Option<TokenBucketRaw>,
     #[serde(default)]
     time_zone: Option<String>,
     #[serde(default)]
@@ -311,7 +315,7 @@ struct WindowMap {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TokenBucketRaw {
+pub(super) struct TokenBucketRaw {
     refill: u64,
     every: String,
 }
@@ -344,8 +348,8 @@ impl<'de> Deserialize<'de> for WindowRaw {
     }
 }
 
-/// Parses a native file into limits.
-pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
+/// Parses a native file into limits and its metering section.
+pub(crate) fn parse(src: &Source<'_>) -> Result<(Vec<Built>, super::Metering), ConfigError> {
     let file: NativeFile = src.parse()?;
     let mut out = Vec::new();
     let mut domains: HashMap<&str, FieldPath> = HashMap::new();
@@ -379,7 +383,11 @@ pub(crate) fn parse(src: &Source<'_>) -> Result<Vec<Built>, ConfigError> {
             out.push(limit(src, &dom.domain, raw, &lpath)?);
         }
     }
-    Ok(out)
+    let metering = match &file.metering {
+        Some(raw) => super::metering::parse(src, raw, &FieldPath::root().key("metering"))?,
+        None => super::Metering::default(),
+    };
+    Ok((out, metering))
 }
 
 fn limit(
@@ -591,14 +599,14 @@ fn condition(
 
 /// The source text of a plain scalar (a number or boolean written as a match value), where
 /// it is defined (an alias points at its anchor).
-fn raw_text<'s>(src: &Source<'s>, raw: &Spanned<MatchRaw>) -> Option<&'s str> {
+pub(super) fn raw_text<'s, T>(src: &Source<'s>, raw: &Spanned<T>) -> Option<&'s str> {
     let span = raw.defined.span();
     let start = usize::try_from(span.byte_offset()?).ok()?;
     let len = usize::try_from(span.byte_len()?).ok()?;
     src.text.get(start..start.checked_add(len)?)
 }
 
-const DURATION_UNITS: &str = "ms, s, m, h, d, w";
+pub(super) const DURATION_UNITS: &str = "ms, s, m, h, d, w";
 
 /// Parses `90s`-style durations into milliseconds: in (0, MAX_WINDOW_MS].
 pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
@@ -697,7 +705,7 @@ fn month_day(s: &str) -> Option<(u8, u8)> {
     ((1..=12).contains(&m) && (1..=28).contains(&d)).then_some((m, d))
 }
 
-fn window(
+pub(super) fn window(
     src: &Source<'_>,
     path: &FieldPath,
     raw: &WindowRaw,

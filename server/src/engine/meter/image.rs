@@ -72,7 +72,12 @@ impl Meter {
         let mut prices = Prices::default();
         img.prices.validate().map_err(|e| e.to_string())?;
         prices.set(img.prices, img.price_version);
-        let quotas = restore_quotas(img.quotas, img.next_quota_id, img.counters, img.counter_cursor)?;
+        let quotas = restore_quotas(
+            img.quotas,
+            img.next_quota_id,
+            img.counters,
+            img.counter_cursor,
+        )?;
         let requests = restore_requests(img.requests, img.next_expiry_seq)?;
         check_holds(&quotas, &requests)?;
         let ledger = restore_ledger(
@@ -82,7 +87,10 @@ impl Meter {
             img.buckets_from_ms,
         )?;
         if img.events.windows(2).any(|w| w[0].seq >= w[1].seq)
-            || img.events.last().is_some_and(|e| e.seq > img.next_event_seq)
+            || img
+                .events
+                .last()
+                .is_some_and(|e| e.seq > img.next_event_seq)
         {
             return Err("events out of order".into());
         }
@@ -141,7 +149,10 @@ fn restore_quotas(
     Ok(out)
 }
 
-fn restore_requests(entries: Vec<(String, Entry)>, next_expiry_seq: u64) -> Result<Requests, String> {
+fn restore_requests(
+    entries: Vec<(String, Entry)>,
+    next_expiry_seq: u64,
+) -> Result<Requests, String> {
     let mut out = Requests {
         next_expiry_seq,
         ..Requests::default()
@@ -152,15 +163,14 @@ fn restore_requests(entries: Vec<(String, Entry)>, next_expiry_seq: u64) -> Resu
             return Err("request ids out of order".into());
         }
         last_ms = entry.first_ms;
-        if let EntryState::Open(r) = &entry.state {
-            if r.expiry_seq >= next_expiry_seq
+        if let EntryState::Open(r) = &entry.state
+            && (r.expiry_seq >= next_expiry_seq
                 || out
                     .expiry
                     .insert((r.expires_ms, r.expiry_seq), id.clone())
-                    .is_some()
-            {
-                return Err("reservation expiry out of order".into());
-            }
+                    .is_some())
+        {
+            return Err("reservation expiry out of order".into());
         }
         out.order.push_back(id.clone());
         if out.map.insert(id, entry).is_some() {
@@ -183,7 +193,9 @@ fn check_holds(quotas: &Quotas, requests: &Requests) -> Result<(), String> {
     }
     for (key, c) in &quotas.counters {
         if c.reserved != held.remove(key).unwrap_or(0) {
-            return Err(format!("quota counter {key:?} holds what no reservation does"));
+            return Err(format!(
+                "quota counter {key:?} holds what no reservation does"
+            ));
         }
     }
     match held.into_iter().find(|(_, n)| *n > 0) {

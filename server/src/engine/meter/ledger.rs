@@ -19,8 +19,8 @@ use jiff::tz::TimeZone;
 use super::super::calendar::{self, MAX_TIME_MS, MIN_TIME_MS};
 use super::super::limits::CalendarUnit;
 use super::super::usage::{
-    Attribution, Granularity, MAX_DIMENSIONS, ReadError, Tokens, UsageQuery, UsageRecord,
-    UsageRow, UsageSums,
+    Attribution, Granularity, MAX_DIMENSIONS, ReadError, Tokens, UsageQuery, UsageRecord, UsageRow,
+    UsageSums,
 };
 
 /// Aggregate period, ms.
@@ -206,7 +206,10 @@ fn check_query(q: &UsageQuery) -> Result<TimeZone, ReadError> {
         return Err(ReadError::invalid("start_ms", "outside 1970..5000"));
     }
     if !in_range(q.end_ms) || q.end_ms <= q.start_ms {
-        return Err(ReadError::invalid("end_ms", "must be after start_ms, before 5000"));
+        return Err(ReadError::invalid(
+            "end_ms",
+            "must be after start_ms, before 5000",
+        ));
     }
     let step = match q.granularity {
         Granularity::Minute => 60_000,

@@ -177,7 +177,11 @@ impl Meter {
                 break;
             }
             let id = entry.remove();
-            let e = self.requests.map.get_mut(&id).expect("expiry of a known id");
+            let e = self
+                .requests
+                .map
+                .get_mut(&id)
+                .expect("expiry of a known id");
             let EntryState::Open(r) = std::mem::replace(
                 &mut e.state,
                 EntryState::Closed(UsageResult::Released { found: true }),
@@ -223,18 +227,24 @@ impl Meter {
         for t in &touches {
             let metric = self.quotas.list[t.index].spec.metric;
             if metric != super::usage::Metric::Concurrent {
-                self.quotas
-                    .debit(t, amount(metric, tokens, cost_nusd), now_ms, &mut self.events);
+                self.quotas.debit(
+                    t,
+                    amount(metric, tokens, cost_nusd),
+                    now_ms,
+                    &mut self.events,
+                );
             }
             let s = self.quotas.standing(t.index, &t.key, now_ms);
             if s.used > s.limit && s.enforcement != Enforcement::Shadow {
                 over.push(s);
             }
         }
-        let overshoot = settle.estimate.map_or(Overshoot::default(), |(est, est_cost)| Overshoot {
-            tokens: tokens.total().saturating_sub(est.total()),
-            cost_nusd: cost_nusd.saturating_sub(est_cost),
-        });
+        let overshoot = settle
+            .estimate
+            .map_or(Overshoot::default(), |(est, est_cost)| Overshoot {
+                tokens: tokens.total().saturating_sub(est.total()),
+                cost_nusd: cost_nusd.saturating_sub(est_cost),
+            });
         let entry = ledger::Entry {
             at_ms: now_ms,
             request_id,
@@ -279,7 +289,9 @@ impl Meter {
                 };
                 return self.commit(&commit, now_ms, settings);
             }
-            Some(e) => return self.settle_closed(&r.request_id, e.clone(), &r.tokens, now_ms, settings),
+            Some(e) => {
+                return self.settle_closed(&r.request_id, e.clone(), &r.tokens, now_ms, settings);
+            }
         }
         if self.requests.map.len() as u64 >= settings.max_request_ids {
             return Err(CommandError::UsageTableFull {
@@ -465,7 +477,14 @@ impl Meter {
             settled: Settled::Reservation,
             estimate: Some((res.estimate, res.estimate_cost_nusd)),
         };
-        let result = self.record(&c.request_id, &entry.who, &c.tokens, settle, now_ms, settings)?;
+        let result = self.record(
+            &c.request_id,
+            &entry.who,
+            &c.tokens,
+            settle,
+            now_ms,
+            settings,
+        )?;
         self.close_reservation(&c.request_id, &res, result.clone());
         Ok(receipt(&c.request_id, false, result))
     }
@@ -489,7 +508,13 @@ impl Meter {
                 state: EntryState::Open(res),
                 ..
             }) => res.clone(),
-            _ => return Ok(receipt(request_id, false, UsageResult::Released { found: false })),
+            _ => {
+                return Ok(receipt(
+                    request_id,
+                    false,
+                    UsageResult::Released { found: false },
+                ));
+            }
         };
         let result = UsageResult::Released { found: true };
         self.close_reservation(request_id, &open, result.clone());

@@ -69,13 +69,11 @@ fn counter_in<'a>(
     key: &CounterKey,
     now_ms: i64,
 ) -> &'a mut QuotaCounter {
-    let counter = counters
-        .entry(key.clone())
-        .or_insert_with(|| QuotaCounter {
-            state: quota.window.as_mut().map(|w| w.fresh(now_ms)),
-            reserved: 0,
-            fired: 0,
-        });
+    let counter = counters.entry(key.clone()).or_insert_with(|| QuotaCounter {
+        state: quota.window.as_mut().map(|w| w.fresh(now_ms)),
+        reserved: 0,
+        fired: 0,
+    });
     if let (Some(w), Some(state)) = (quota.window.as_mut(), counter.state.as_mut()) {
         w.refresh(state, now_ms);
         // A new period (or a rolling window's slide) may have taken the level back below
@@ -311,7 +309,10 @@ impl Quotas {
     pub fn alert(&mut self, touch: &Touch, now_ms: i64, events: &mut Events) {
         let standing = self.standing(touch.index, &touch.key, now_ms);
         let quota = &self.list[touch.index];
-        let counter = self.counters.get_mut(&touch.key).expect("alert on a held counter");
+        let counter = self
+            .counters
+            .get_mut(&touch.key)
+            .expect("alert on a held counter");
         let level = match quota.spec.metric {
             Metric::Concurrent => standing.reserved,
             _ => standing.used,
@@ -377,7 +378,10 @@ impl Quotas {
             .counters
             .get_mut(key)
             .expect("a counter with reservations held is never reclaimed");
-        assert!(counter.reserved >= amount, "reservation holds exceed reserved");
+        assert!(
+            counter.reserved >= amount,
+            "reservation holds exceed reserved"
+        );
         counter.reserved -= amount;
     }
 
@@ -416,7 +420,11 @@ impl Quotas {
     /// standing the subject would start from.
     pub fn overview(&self, subject: &str, subscription: &str, now_ms: i64) -> Vec<QuotaStanding> {
         let applies = |q: &Quota| {
-            q.spec.filter.subject.as_deref().is_none_or(|s| s == subject)
+            q.spec
+                .filter
+                .subject
+                .as_deref()
+                .is_none_or(|s| s == subject)
                 && q.spec
                     .filter
                     .subscription
@@ -452,7 +460,10 @@ impl Quotas {
                     subscription: subscription.into(),
                     ..Attribution::default()
                 };
-                let key = (q.id, q.spec.per.iter().map(|d| who.value(d).into()).collect());
+                let key = (
+                    q.id,
+                    q.spec.per.iter().map(|d| who.value(d).into()).collect(),
+                );
                 per_quota[i].push(self.standing(i, &key, now_ms));
             }
         }

@@ -1,0 +1,791 @@
+//! `tally.v1.Usage` through gRPC against an in-process server on 127.0.0.1 port 0: input
+//! validation naming wire fields, exactly-once reports, resumable exports, prices, the
+//! reserve → commit/release flow and quota events.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use tally_proto::tally::v1::usage_client::UsageClient;
+use tally_proto::tally::v1::{
+    CommitRequest, Enforcement as WireEnforcement, ExportUsageRequest, GetUsageOverviewRequest,
+    Granularity, ListPricesRequest, Metric as WireMetric, ModelPrice, QueryUsageRequest,
+    ReleaseRequest, ReportUsageRequest, ReserveRequest, SetPricesRequest, Settled as WireSettled,
+    Tag, TokenCounts, UsageEvent, UsageFilter, UsageReceipt, UsageRecord, WatchEventsRequest,
+    usage_event, usage_receipt,
+};
+use tally_server::engine::limits::WindowSpec;
+use tally_server::engine::usage::{
+    Dimension, Enforcement, Metric, QuotaFilter, QuotaSet, QuotaSpec,
+};
+use tally_server::engine::{Command, Outcome};
+use tokio_stream::StreamExt;
+use tonic::Code as GrpcCode;
+use tonic::transport::Channel;
+
+const LIMITS: &str = r#"
+domains:
+  - domain: test
+    limits:
+      - name: per-user
+        match: { kind: req }
+        by: [user]
+        capacity: 3
+        window: 1m
+"#;
+
+/// Every test's whole budget: nothing here may hang.
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+const HOUR_MS: i64 = 3_600_000;
+
+async fn start_usage() -> (TestServer, UsageClient<Channel>) {
+    let t = start(LIMITS).await;
+    let usage = UsageClient::new(connect(t.server.grpc_addr).await);
+    (t, usage)
+}
+
+fn report(id: &str, subject: &str, input: u64, output: u64) -> ReportUsageRequest {
+    ReportUsageRequest {
+        request_id: id.into(),
+        subject: subject.into(),
+        subscription: "free".into(),
+        model: "gpt-test".into(),
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    }
+}
+
+fn tag(k: &str, v: &str) -> Tag {
+    Tag {
+        key: k.into(),
+        value: v.into(),
+    }
+}
+
+fn recorded(r: &UsageReceipt) -> &usage_receipt::Recorded {
+    match &r.result {
+        Some(usage_receipt::Result::Recorded(rec)) => rec,
+        other => panic!("expected Recorded, got {other:?}"),
+    }
+}
+
+fn total_query() -> QueryUsageRequest {
+    QueryUsageRequest {
+        start_ms: T0_MS - HOUR_MS,
+        end_ms: T0_MS + HOUR_MS,
+        group_by: vec![],
+        granularity: Granularity::Total as i32,
+        time_zone: String::new(),
+        filter: None,
+    }
+}
+
+async fn export_all(
+    usage: &mut UsageClient<Channel>,
+    after_seq: u64,
+    max_records: u64,
+) -> Vec<UsageRecord> {
+    let mut stream = usage
+        .export_usage(ExportUsageRequest {
+            after_seq,
+            max_records,
+        })
+        .await
+        .expect("export starts")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(r) = stream.next().await {
+        out.push(r.expect("record"));
+    }
+    out
+}
+
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("the test finishes in time")
+}
+
+fn assert_invalid(status: &tonic::Status, field: &str) {
+    assert_eq!(status.code(), GrpcCode::InvalidArgument, "{status:?}");
+    assert!(
+        status.message().contains(field),
+        "the message names `{field}`: {}",
+        status.message()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_are_invalid_argument_naming_the_field() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        let bad_reports = [
+            (report("", "alice", 1, 1), "request_id"),
+            (report("r1", "", 1, 1), "subject"),
+            (
+                ReportUsageRequest {
+                    cached_input_tokens: 11,
+                    ..report("r1", "alice", 10, 1)
+                },
+                "cached_input_tokens",
+            ),
+            (
+                ReportUsageRequest {
+                    reasoning_tokens: 2,
+                    ..report("r1", "alice", 10, 1)
+                },
+                "reasoning_tokens",
+            ),
+            (
+                ReportUsageRequest {
+                    tags: vec![tag("team", "a"), tag("env", "x"), tag("team", "b")],
+                    ..report("r1", "alice", 10, 1)
+                },
+                "tags",
+            ),
+            (
+                ReportUsageRequest {
+                    tags: vec![tag("team", "a"), tag("", "x")],
+                    ..report("r1", "alice", 10, 1)
+                },
+                "tags[1].key",
+            ),
+        ];
+        for (request, field) in bad_reports {
+            let e = usage.report_usage(request).await.unwrap_err();
+            assert_invalid(&e, field);
+        }
+        let e = usage
+            .reserve(ReserveRequest {
+                request_id: "r".into(),
+                subject: "alice".into(),
+                ttl_ms: 0,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "ttl_ms");
+        let e = usage
+            .reserve(ReserveRequest {
+                request_id: "r".into(),
+                subject: "alice".into(),
+                ttl_ms: 1_000,
+                estimate: Some(TokenCounts {
+                    input_tokens: 1,
+                    cached_input_tokens: 2,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "estimate.cached_input_tokens");
+        let e = usage.commit(CommitRequest::default()).await.unwrap_err();
+        assert_invalid(&e, "request_id");
+        let e = usage.release(ReleaseRequest::default()).await.unwrap_err();
+        assert_invalid(&e, "request_id");
+
+        let e = usage
+            .query_usage(QueryUsageRequest {
+                group_by: vec!["subject".into(), "colour".into()],
+                ..total_query()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "group_by[1]");
+        let e = usage
+            .query_usage(QueryUsageRequest {
+                granularity: Granularity::Unspecified as i32,
+                ..total_query()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "granularity");
+        let e = usage
+            .query_usage(QueryUsageRequest {
+                time_zone: "Mars/Olympus".into(),
+                ..total_query()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "time_zone");
+        let e = usage
+            .query_usage(QueryUsageRequest {
+                end_ms: T0_MS - HOUR_MS,
+                ..total_query()
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "end_ms");
+
+        let e = usage
+            .set_prices(SetPricesRequest {
+                models: vec![price("m", 1, 1, 1), price("m", 2, 2, 2)],
+            })
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "models[1].model");
+        let e = usage
+            .get_usage_overview(GetUsageOverviewRequest::default())
+            .await
+            .unwrap_err();
+        assert_invalid(&e, "subject");
+
+        // Nothing of the refused requests was recorded.
+        assert!(export_all(&mut usage, 0, 0).await.is_empty());
+        t.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_report_counts_once() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        let request = ReportUsageRequest {
+            tags: vec![tag("team", "search"), tag("env", "prod")],
+            ..report("req-1", "alice", 100, 20)
+        };
+        let first = usage
+            .report_usage(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!first.duplicate);
+        assert_eq!(first.request_id, "req-1");
+        let second = usage.report_usage(request).await.unwrap().into_inner();
+        assert!(second.duplicate, "the retry is answered as a duplicate");
+        assert_eq!(recorded(&second).seq, recorded(&first).seq);
+        assert_eq!(recorded(&first).seq, 1);
+        assert_eq!(recorded(&first).settled, WireSettled::NoReservation as i32);
+
+        let rows = usage
+            .query_usage(total_query())
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].requests, 1);
+        assert_eq!((rows[0].input_tokens, rows[0].output_tokens), (100, 20));
+        // Grouped by a tag, through the filter.
+        let rows = usage
+            .query_usage(QueryUsageRequest {
+                group_by: vec!["model".into(), "tag:team".into()],
+                filter: Some(UsageFilter {
+                    subject: Some("alice".into()),
+                    tag: Some(tag("env", "prod")),
+                    ..Default::default()
+                }),
+                time_zone: "Europe/Berlin".into(),
+                ..total_query()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].group, ["gpt-test", "search"]);
+        let rows = usage
+            .query_usage(QueryUsageRequest {
+                filter: Some(UsageFilter {
+                    subject: Some("bob".into()),
+                    ..Default::default()
+                }),
+                ..total_query()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert!(rows.is_empty(), "{rows:?}");
+
+        let records = export_all(&mut usage, 0, 0).await;
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = &records[0];
+        assert_eq!((r.seq, r.request_id.as_str()), (1, "req-1"));
+        assert_eq!(r.at_ms, T0_MS);
+        assert_eq!(
+            (
+                r.subject.as_str(),
+                r.subscription.as_str(),
+                r.model.as_str()
+            ),
+            ("alice", "free", "gpt-test")
+        );
+        // Tags come back sorted by key.
+        assert_eq!(r.tags, [tag("env", "prod"), tag("team", "search")]);
+        t.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_resumes_without_gap_or_duplicate() {
+    within(async {
+        let (t, usage) = start_usage().await;
+        const N: usize = 2_500;
+        let permits = Arc::new(tokio::sync::Semaphore::new(64));
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..N {
+            let mut client = usage.clone();
+            let permit = permits.clone().acquire_owned().await.unwrap();
+            tasks.spawn(async move {
+                let _permit = permit;
+                client
+                    .report_usage(report(&format!("req-{i}"), "alice", 10, 5))
+                    .await
+                    .expect("report accepted")
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        let mut usage = usage;
+        let all: BTreeSet<String> = (0..N).map(|i| format!("req-{i}")).collect();
+
+        // A bounded export, then a resume from its last seq.
+        let first = export_all(&mut usage, 0, 1_200).await;
+        assert_eq!(
+            first.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=1_200).collect::<Vec<u64>>()
+        );
+        let rest = export_all(&mut usage, 1_200, 0).await;
+        assert_eq!(
+            rest.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1_201..=N as u64).collect::<Vec<u64>>()
+        );
+        let mut seen = BTreeSet::new();
+        for r in first.iter().chain(&rest) {
+            assert!(seen.insert(r.request_id.clone()), "{} twice", r.request_id);
+        }
+        assert_eq!(seen, all, "every report exactly once");
+
+        // A reader that goes away mid-stream resumes from the last seq it received.
+        let mut stream = usage
+            .export_usage(ExportUsageRequest {
+                after_seq: 0,
+                max_records: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut part = Vec::new();
+        while part.len() < 700 {
+            part.push(stream.next().await.expect("more records").unwrap());
+        }
+        drop(stream);
+        let last = part.last().unwrap().seq;
+        assert_eq!(last, 700);
+        let resumed = export_all(&mut usage, last, 0).await;
+        assert_eq!(resumed.first().map(|r| r.seq), Some(701));
+        let ids: BTreeSet<String> = part
+            .iter()
+            .chain(&resumed)
+            .map(|r| r.request_id.clone())
+            .collect();
+        assert_eq!(part.len() + resumed.len(), N, "no record twice");
+        assert_eq!(ids, all);
+
+        // Past the end: nothing, not an error.
+        assert!(export_all(&mut usage, N as u64, 0).await.is_empty());
+        // A query agrees with the export.
+        let rows = usage
+            .query_usage(total_query())
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows[0].requests, N as u64);
+        assert_eq!(rows[0].input_tokens, 10 * N as u64);
+        t.stop().await;
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_past_retention_is_out_of_range_naming_the_first_seq_available() {
+    within(async {
+        let t = start_with(LIMITS, |c| c.engine.max_usage_records = 10).await;
+        let mut usage = UsageClient::new(connect(t.server.grpc_addr).await);
+        for i in 0..15 {
+            usage
+                .report_usage(report(&format!("r{i}"), "alice", 1, 1))
+                .await
+                .unwrap();
+        }
+        let e = usage
+            .export_usage(ExportUsageRequest {
+                after_seq: 2,
+                max_records: 0,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), GrpcCode::OutOfRange, "{e:?}");
+        assert!(e.message().contains('6'), "names seq 6: {}", e.message());
+        let kept = export_all(&mut usage, 5, 0).await;
+        assert_eq!(kept.first().map(|r| r.seq), Some(6));
+        assert_eq!(kept.len(), 10);
+        t.stop().await;
+    })
+    .await
+}
+
+fn price(model: &str, input: u64, cached: u64, output: u64) -> ModelPrice {
+    ModelPrice {
+        model: model.into(),
+        input_nusd: input,
+        cached_input_nusd: cached,
+        output_nusd: output,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_are_charged_at_the_prices_in_force() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        let listed = usage
+            .list_prices(ListPricesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((listed.version, listed.models.len()), (0, 0));
+
+        let catalog = vec![
+            price("gpt-test", 2_500, 1_250, 10_000),
+            price("other", 1, 1, 1),
+        ];
+        let set = usage
+            .set_prices(SetPricesRequest {
+                models: catalog.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.version, 1);
+        let listed = usage
+            .list_prices(ListPricesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.version, 1);
+        assert_eq!(listed.models, catalog);
+
+        let receipt = usage
+            .report_usage(ReportUsageRequest {
+                cached_input_tokens: 400,
+                reasoning_tokens: 50,
+                ..report("priced", "alice", 1_000, 200)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        // (1000 - 400) × 2500 + 400 × 1250 + 200 × 10000
+        let expected = 600 * 2_500 + 400 * 1_250 + 200 * 10_000;
+        assert_eq!(recorded(&receipt).cost_nusd, expected);
+        assert_eq!(recorded(&receipt).price_version, 1);
+        // An unpriced model costs nothing, at version 0.
+        let unpriced = usage
+            .report_usage(ReportUsageRequest {
+                model: "unknown".into(),
+                ..report("unpriced", "alice", 1_000, 200)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (
+                recorded(&unpriced).cost_nusd,
+                recorded(&unpriced).price_version
+            ),
+            (0, 0)
+        );
+
+        let set = usage
+            .set_prices(SetPricesRequest {
+                models: vec![price("gpt-test", 1, 1, 1)],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(set.version, 2);
+        let again = usage
+            .report_usage(report("second", "alice", 10, 10))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (recorded(&again).cost_nusd, recorded(&again).price_version),
+            (20, 2)
+        );
+        let records = export_all(&mut usage, 0, 0).await;
+        assert_eq!(
+            records
+                .iter()
+                .map(|r| (r.cost_nusd, r.price_version))
+                .collect::<Vec<_>>(),
+            [(expected, 1), (0, 0), (20, 2)]
+        );
+        let rows = usage
+            .query_usage(total_query())
+            .await
+            .unwrap()
+            .into_inner()
+            .rows;
+        assert_eq!(rows[0].cost_nusd, expected + 20);
+        t.stop().await;
+    })
+    .await
+}
+
+/// A hard budget of 1,000 tokens per subject per hour, alerting at 50 %.
+async fn put_quota(t: &TestServer) {
+    let set = QuotaSet {
+        quotas: vec![QuotaSpec {
+            name: "tokens-per-hour".into(),
+            filter: QuotaFilter::default(),
+            per: vec![Dimension::Subject],
+            metric: Metric::TotalTokens,
+            limit: 1_000,
+            window: Some(WindowSpec::Fixed {
+                duration_ms: HOUR_MS as u64,
+            }),
+            enforcement: Enforcement::Hard,
+            thresholds_pct: vec![50],
+        }],
+    };
+    let node = t.server.node().expect("node started");
+    let outcome = node.propose(Command::ReplaceQuotas(set)).await.unwrap();
+    assert!(
+        matches!(outcome, Outcome::QuotasReplaced { quotas: 1, .. }),
+        "{outcome:?}"
+    );
+}
+
+fn estimate(input: u64, output: u64) -> Option<TokenCounts> {
+    Some(TokenCounts {
+        input_tokens: input,
+        output_tokens: output,
+        ..Default::default()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_commit_release_and_a_denial_is_an_ok_answer() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        put_quota(&t).await;
+        let reserve = |id: &str, input: u64| ReserveRequest {
+            request_id: id.into(),
+            subject: "alice".into(),
+            subscription: "free".into(),
+            model: "gpt-test".into(),
+            estimate: estimate(input, 100),
+            ttl_ms: 60_000,
+            tags: vec![],
+        };
+        let held = usage.reserve(reserve("a", 500)).await.unwrap().into_inner();
+        let Some(usage_receipt::Result::Reserved(r)) = &held.result else {
+            panic!("expected Reserved, got {held:?}");
+        };
+        assert_eq!(r.expires_ms, T0_MS + 60_000);
+        assert_eq!(r.standings.len(), 1);
+        let s = &r.standings[0];
+        assert_eq!(s.quota, "tokens-per-hour");
+        assert_eq!(s.key, ["alice"]);
+        assert_eq!(s.metric, WireMetric::TotalTokens as i32);
+        assert_eq!(s.enforcement, WireEnforcement::Hard as i32);
+        assert_eq!((s.limit, s.reserved, s.remaining), (1_000, 600, 400));
+
+        // 600 held, 600 more do not fit: an OK answer with the denial.
+        let denied = usage.reserve(reserve("b", 500)).await.unwrap().into_inner();
+        let Some(usage_receipt::Result::Denied(d)) = &denied.result else {
+            panic!("expected Denied, got {denied:?}");
+        };
+        assert_eq!(d.standing.as_ref().unwrap().quota, "tokens-per-hour");
+
+        let committed = usage
+            .commit(CommitRequest {
+                request_id: "a".into(),
+                input_tokens: 300,
+                output_tokens: 50,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let rec = recorded(&committed);
+        assert_eq!(rec.settled, WireSettled::Reservation as i32);
+        assert_eq!(rec.overshoot_tokens, 0);
+
+        let overview = usage
+            .get_usage_overview(GetUsageOverviewRequest {
+                subject: "alice".into(),
+                subscription: "free".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .standings;
+        assert_eq!(overview.len(), 1, "{overview:?}");
+        assert_eq!((overview[0].used, overview[0].reserved), (350, 0));
+
+        let released = usage
+            .release(ReleaseRequest {
+                request_id: "never-reserved".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            released.result,
+            Some(usage_receipt::Result::Released(usage_receipt::Released {
+                found: false
+            }))
+        ));
+        usage.reserve(reserve("c", 100)).await.unwrap();
+        let released = usage
+            .release(ReleaseRequest {
+                request_id: "c".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            released.result,
+            Some(usage_receipt::Result::Released(usage_receipt::Released {
+                found: true
+            }))
+        ));
+        t.stop().await;
+    })
+    .await
+}
+
+async fn next_event(stream: &mut tonic::Streaming<UsageEvent>) -> UsageEvent {
+    tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("an event within 5 s")
+        .expect("stream open")
+        .expect("event")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_thresholds_and_expired_reservations() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        put_quota(&t).await;
+        let mut events = usage
+            .watch_events(WatchEventsRequest { after_seq: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        // 600 of 1,000 tokens: the 50 % threshold fires.
+        usage
+            .report_usage(report("big", "alice", 500, 100))
+            .await
+            .unwrap();
+        let e = next_event(&mut events).await;
+        assert_eq!(e.seq, 1);
+        let Some(usage_event::Kind::Threshold(th)) = &e.kind else {
+            panic!("expected a threshold, got {e:?}");
+        };
+        assert_eq!(th.pct, 50);
+        assert_eq!(th.standing.as_ref().unwrap().used, 600);
+
+        // A reservation that outlives its TTL releases itself (at the next batch).
+        usage
+            .reserve(ReserveRequest {
+                request_id: "short".into(),
+                subject: "bob".into(),
+                estimate: estimate(1, 1),
+                ttl_ms: 1_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        t.clock.advance_ms(2_000);
+        usage
+            .report_usage(report("tick", "carol", 1, 1))
+            .await
+            .unwrap();
+        let e = next_event(&mut events).await;
+        assert!(
+            matches!(
+                &e.kind,
+                Some(usage_event::Kind::ReservationExpired(x)) if x.request_id == "short"
+            ),
+            "{e:?}"
+        );
+        drop(events);
+
+        // A watcher resuming after seq 1 sees only the later event.
+        let mut events = usage
+            .watch_events(WatchEventsRequest { after_seq: 1 })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(next_event(&mut events).await.seq, 2);
+        drop(events);
+        t.stop().await;
+    })
+    .await
+}
+
+/// Graceful shutdown waits for every open stream, so an events stream must end when the
+/// server stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_events_stream_does_not_hold_up_shutdown() {
+    within(async {
+        let (t, mut usage) = start_usage().await;
+        let mut events = usage
+            .watch_events(WatchEventsRequest { after_seq: 0 })
+            .await
+            .unwrap()
+            .into_inner();
+        tokio::time::timeout(Duration::from_secs(10), t.stop())
+            .await
+            .expect("the server stops within 10 s with a stream open");
+        // The stream ended (with UNAVAILABLE, or with the connection).
+        let end = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("the stream ends");
+        assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    })
+    .await
+}
+
+/// On a follower, writes are forwarded to the leader; linearizable reads are the leader's to
+/// serve, so a follower answers UNAVAILABLE saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_forwards_reports_and_sends_reads_to_the_leader() {
+    within(async {
+        let t = start_on(Topology::ThreeNodes, LIMITS, |_| {}).await;
+        let mut usage = UsageClient::new(connect(t.server.grpc_addr).await);
+        let receipt = usage
+            .report_usage(report("via-follower", "alice", 1, 1))
+            .await
+            .expect("a follower forwards the report")
+            .into_inner();
+        assert_eq!(recorded(&receipt).seq, 1);
+        let e = usage.query_usage(total_query()).await.unwrap_err();
+        assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+        assert!(e.message().contains("leader"), "{}", e.message());
+        let cluster = t.cluster.as_ref().expect("three nodes");
+        // Node 2 is `t.server` (taken out of the cluster's slots); the others are there.
+        let leader_addr = match cluster.leader(None).await {
+            2 => t.server.grpc_addr,
+            i => cluster.node(i as usize).grpc_addr,
+        };
+        let mut at_leader = UsageClient::new(connect(leader_addr).await);
+        let records = export_all(&mut at_leader, 0, 0).await;
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].request_id, "via-follower");
+        t.stop().await;
+    })
+    .await
+}
