@@ -2,11 +2,34 @@
 
 use std::time::Duration;
 
+use tonic::Status;
+
+use crate::engine::{Command, Outcome};
+use crate::node::Node;
+
 /// Time kept back from the caller's deadline to answer before it passes: a twentieth of it,
 /// and at least this much.
 const MIN_MARGIN: Duration = Duration::from_millis(2);
 /// The longest a decision may wait for a leader or a quorum, whatever the caller allows.
 pub const MAX_DECISION_WAIT: Duration = Duration::from_secs(10);
+
+/// Proposes `command` and waits for its outcome, at most `deadline` (none: until it comes).
+/// Past the deadline the answer is UNAVAILABLE with `late` (not DEADLINE_EXCEEDED), so Envoy
+/// applies its failure mode.
+pub async fn propose(
+    node: &Node,
+    command: Command,
+    deadline: Option<Duration>,
+    late: &'static str,
+) -> Result<Outcome, Status> {
+    let propose = node.propose(command);
+    Ok(match deadline {
+        Some(d) => tokio::time::timeout(d, propose)
+            .await
+            .map_err(|_| Status::unavailable(late))??,
+        None => propose.await?,
+    })
+}
 
 /// How long this call may wait for its outcome, if the caller said.
 pub fn of<T>(request: &tonic::Request<T>) -> Option<Duration> {

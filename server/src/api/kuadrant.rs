@@ -6,8 +6,8 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, RequestHits, ResponseOptions};
 use super::deadline;
-use super::rls::decide;
-use super::rls_usage::{self, CallIds};
+use super::rls::{decide, decide_and_record};
+use super::rls_usage::CallIds;
 use crate::engine::Mode;
 use crate::node::Node;
 
@@ -49,13 +49,6 @@ impl RateLimitService for Kuadrant {
     ) -> Result<Response<RateLimitResponse>, Status> {
         let deadline = deadline::of(&request);
         let cmd = convert::command(request.into_inner(), Mode::Report, RequestHits::Literal);
-        cmd.validate()?;
-        let reports = rls_usage::reports(&cmd, true, &self.ids)?;
-        let (decision, recorded) = tokio::join!(
-            decide(&self.node, cmd, deadline, self.options),
-            rls_usage::record(&self.node, reports, deadline)
-        );
-        recorded?;
-        decision
+        decide_and_record(&self.node, cmd, true, &self.ids, deadline, self.options).await
     }
 }

@@ -35,13 +35,43 @@ pub async fn decide(
     options: ResponseOptions,
 ) -> Result<Response<RateLimitResponse>, Status> {
     cmd.validate()?;
-    let propose = node.propose(Command::RateLimit(cmd));
-    let outcome = match deadline {
-        Some(d) => tokio::time::timeout(d, propose).await.map_err(|_| {
-            Status::unavailable("no decision within the caller's deadline (no leader or no quorum)")
-        })??,
-        None => propose.await?,
-    };
+    propose_decision(node, cmd, deadline, options).await
+}
+
+/// [`decide`], also recording the command's usage descriptors as usage (see `rls_usage`);
+/// `request_hits_count`: the request-level hits are usage too (Kuadrant's Report). Nothing is
+/// recorded for an invalid command.
+pub async fn decide_and_record(
+    node: &Node,
+    cmd: RateLimitCommand,
+    request_hits_count: bool,
+    ids: &CallIds,
+    deadline: Option<Duration>,
+    options: ResponseOptions,
+) -> Result<Response<RateLimitResponse>, Status> {
+    cmd.validate()?;
+    let reports = rls_usage::reports(&cmd, request_hits_count, ids)?;
+    let (decision, recorded) = tokio::join!(
+        propose_decision(node, cmd, deadline, options),
+        rls_usage::record(node, reports, deadline)
+    );
+    recorded?;
+    decision
+}
+
+async fn propose_decision(
+    node: &Node,
+    cmd: RateLimitCommand,
+    deadline: Option<Duration>,
+    options: ResponseOptions,
+) -> Result<Response<RateLimitResponse>, Status> {
+    let outcome = deadline::propose(
+        node,
+        Command::RateLimit(cmd),
+        deadline,
+        "no decision within the caller's deadline (no leader or no quorum)",
+    )
+    .await?;
     match outcome {
         Outcome::RateLimit(decision) => Ok(Response::new(convert::response(&decision, options))),
         Outcome::Rejected(e) => Err(e.into()),
@@ -61,14 +91,7 @@ impl RateLimitService for Rls {
             Mode::Enforce,
             RequestHits::ZeroMeansOne,
         );
-        cmd.validate()?;
-        // Usage descriptors (Envoy's stream-done call) are recorded and also limited.
-        let reports = rls_usage::reports(&cmd, false, &self.ids)?;
-        let (decision, recorded) = tokio::join!(
-            decide(&self.node, cmd, deadline, self.options),
-            rls_usage::record(&self.node, reports, deadline)
-        );
-        recorded?;
-        decision
+        // Usage descriptors (Envoy's stream-done call) are recorded, and limited as well.
+        decide_and_record(&self.node, cmd, false, &self.ids, deadline, self.options).await
     }
 }

@@ -82,13 +82,9 @@ pub async fn record(
     deadline: Option<Duration>,
 ) -> Result<(), Status> {
     for r in reports {
-        let propose = node.propose(Command::ReportUsage(r));
-        let outcome = match deadline {
-            Some(d) => tokio::time::timeout(d, propose).await.map_err(|_| {
-                Status::unavailable("usage not recorded within the caller's deadline")
-            })??,
-            None => propose.await?,
-        };
+        let late = "usage not recorded within the caller's deadline";
+        let outcome =
+            super::deadline::propose(node, Command::ReportUsage(r), deadline, late).await?;
         match outcome {
             Outcome::Usage(_) => {}
             Outcome::Rejected(e) => return Err(e.into()),

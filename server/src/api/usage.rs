@@ -53,13 +53,9 @@ impl Usage {
         deadline: Option<Duration>,
     ) -> Result<Outcome, Status> {
         let wait = deadline.unwrap_or(MAX_DECISION_WAIT);
-        match tokio::time::timeout(wait, self.node.propose(command)).await {
-            Ok(outcome) => Ok(outcome?),
-            Err(_) => Err(Status::unavailable(
-                "no outcome within the caller's deadline (no leader or no quorum); the command \
-                 may still be applied: a retry with the same request_id counts it once",
-            )),
-        }
+        let late = "no outcome within the caller's deadline (no leader or no quorum); the command \
+                    may still be applied: a retry with the same request_id counts it once";
+        deadline::propose(&self.node, command, Some(wait), late).await
     }
 
     /// Proposes a usage command and answers its receipt.

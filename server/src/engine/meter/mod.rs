@@ -141,16 +141,22 @@ struct Requests {
 }
 
 impl Requests {
-    fn insert(&mut self, id: &str, entry: Entry, max: u64) -> Result<(), CommandError> {
+    /// Refuses a new id when the table is at its bound (before anything is applied).
+    fn check_room(&self, max: u64) -> Result<(), CommandError> {
         if self.map.len() as u64 >= max {
             return Err(CommandError::UsageTableFull {
                 table: "request id table".into(),
                 max,
             });
         }
-        self.order.push_back(id.to_owned());
-        self.map.insert(id.to_owned(), entry);
         Ok(())
+    }
+
+    /// Remembers a new id; [`Requests::check_room`] said it fits.
+    fn insert(&mut self, id: &str, entry: Entry) {
+        self.order.push_back(id.to_owned());
+        let previous = self.map.insert(id.to_owned(), entry);
+        assert!(previous.is_none(), "a request id is inserted once");
     }
 }
 
@@ -293,12 +299,7 @@ impl Meter {
                 return self.settle_closed(&r.request_id, e.clone(), &r.tokens, now_ms, settings);
             }
         }
-        if self.requests.map.len() as u64 >= settings.max_request_ids {
-            return Err(CommandError::UsageTableFull {
-                table: "request id table".into(),
-                max: settings.max_request_ids,
-            });
-        }
+        self.requests.check_room(settings.max_request_ids)?;
         let settle = Settle {
             settled: Settled::NoReservation,
             estimate: None,
@@ -309,8 +310,7 @@ impl Meter {
             who: r.who.clone(),
             state: EntryState::Closed(result.clone()),
         };
-        self.requests
-            .insert(&r.request_id, entry, settings.max_request_ids)?;
+        self.requests.insert(&r.request_id, entry);
         Ok(receipt(&r.request_id, false, result))
     }
 
@@ -354,12 +354,7 @@ impl Meter {
             };
             return Ok(receipt(&r.request_id, true, answer));
         }
-        if self.requests.map.len() as u64 >= settings.max_request_ids {
-            return Err(CommandError::UsageTableFull {
-                table: "request id table".into(),
-                max: settings.max_request_ids,
-            });
-        }
+        self.requests.check_room(settings.max_request_ids)?;
         let (_, cost) = self.prices.charge(&r.who.model, &r.estimate);
         let touches = self.quotas.touches(&r.who);
         if let Some(standing) = self.first_denial(&touches, &r.estimate, cost, now_ms) {
@@ -369,8 +364,7 @@ impl Meter {
                 who: r.who.clone(),
                 state: EntryState::Closed(result.clone()),
             };
-            self.requests
-                .insert(&r.request_id, entry, settings.max_request_ids)?;
+            self.requests.insert(&r.request_id, entry);
             return Ok(receipt(&r.request_id, false, result));
         }
         self.quotas
@@ -396,8 +390,7 @@ impl Meter {
             who: r.who.clone(),
             state: EntryState::Open(reservation),
         };
-        self.requests
-            .insert(&r.request_id, entry, settings.max_request_ids)?;
+        self.requests.insert(&r.request_id, entry);
         self.requests
             .expiry
             .insert((expires_ms, expiry_seq), r.request_id.clone());
