@@ -8,9 +8,11 @@
 //!   health endpoints; wire⇄domain conversion and error mapping live here.
 //! - [`config`]: limit files (native, Limitador, envoyproxy/ratelimit) into a limit set.
 //! - [`server`]: wiring for `tallyd`: listeners, limit-file reload, shutdown.
+//! - [`event_log`]: quota events to the log.
 
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod event_log;
 pub mod node;
 pub mod server;

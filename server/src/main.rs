@@ -10,6 +10,7 @@ use clap::{Parser, ValueEnum};
 use tally_server::api::ResponseOptions;
 use tally_server::config::Format;
 use tally_server::engine::{self, CommandError, EngineSettings};
+use tally_server::node::usage_archive::ArchiveConfig;
 use tally_server::node::{
     BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
 };
@@ -106,8 +107,9 @@ struct Args {
     #[arg(long, env = "TALLY_MAX_QUOTA_COUNTERS", default_value_t = engine::DEFAULT_MAX_QUOTA_COUNTERS)]
     max_quota_counters: u64,
 
-    /// Most usage records (one per request) kept for usage export and minute-level queries;
-    /// the oldest are dropped first.
+    /// Most usage records (one per request) kept in memory (and in snapshots) for minute-level
+    /// usage queries, oldest dropped first. The export reads the on-disk usage archive
+    /// instead (--usage-archive-retention, --max-usage-archive-gib).
     #[arg(long, env = "TALLY_MAX_USAGE_RECORDS", default_value_t = engine::DEFAULT_MAX_USAGE_RECORDS)]
     max_usage_records: u64,
 
@@ -121,6 +123,19 @@ struct Args {
     #[arg(long, env = "TALLY_USAGE_RETENTION", default_value = "400d",
           value_parser = duration_ms, value_name = "DURATION")]
     usage_retention: u64,
+
+    /// How long usage records are kept in this node's on-disk archive (`<data-dir>/usage`,
+    /// what ExportUsage reads), counted back from the newest record. A duration (ms, s, m, h,
+    /// d, w). Node-local: not replicated.
+    #[arg(long, env = "TALLY_USAGE_ARCHIVE_RETENTION", default_value = "400d",
+          value_parser = duration_ms, value_name = "DURATION")]
+    usage_archive_retention: u64,
+
+    /// Largest size of this node's usage archive on disk, in GiB; the oldest 64 MiB segments
+    /// are deleted beyond it (an export that needs them is refused with OUT_OF_RANGE).
+    #[arg(long, env = "TALLY_MAX_USAGE_ARCHIVE_GIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    max_usage_archive_gib: u64,
 
     /// Most commands applied in one batch.
     #[arg(long, env = "TALLY_BATCH_MAX_COMMANDS", default_value_t = 512,
@@ -273,6 +288,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             draft03_headers: args.ratelimit_headers == Headers::Draft03,
         },
         engine,
+        archive: ArchiveConfig {
+            retention_ms: args.usage_archive_retention,
+            max_bytes: args.max_usage_archive_gib.saturating_mul(1 << 30),
+            ..ArchiveConfig::default()
+        },
         batch: BatchConfig {
             max_batch_commands: args.batch_max_commands as usize,
             batch_linger: Duration::from_micros(args.batch_linger_us),

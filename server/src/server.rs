@@ -25,6 +25,7 @@ use crate::config::{self, Config, Format, Metering};
 use crate::engine::usage::{PriceCatalog, QuotaSet};
 use crate::engine::{Command, EngineSettings, LimitSet, Outcome};
 use crate::node::raft_types::NodeId;
+use crate::node::usage_archive::ArchiveConfig;
 use crate::node::{BatchConfig, Clock, Node, NodeConfig, NodeError, RaftTimings, SystemClock};
 
 /// Default bound on open gRPC connections.
@@ -58,6 +59,8 @@ pub struct ServerConfig {
     pub limits_poll: Duration,
     pub response: ResponseOptions,
     pub engine: EngineSettings,
+    /// Bounds of this node's on-disk usage archive.
+    pub archive: ArchiveConfig,
     pub batch: BatchConfig,
     pub max_connections: usize,
     pub clock: Arc<dyn Clock>,
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             limits_poll: Duration::from_secs(1),
             response: ResponseOptions::default(),
             engine: EngineSettings::default(),
+            archive: ArchiveConfig::default(),
             batch: BatchConfig::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             clock: Arc::new(SystemClock),
@@ -161,6 +165,7 @@ async fn run_with(
             .unwrap_or(raft_addr.to_string()),
         bootstrap: config.bootstrap,
         engine: config.engine,
+        archive: config.archive,
         batch: config.batch,
         timings: config.timings,
         clock: config.clock.clone(),
@@ -193,6 +198,7 @@ async fn run_with(
         "tallyd serving"
     );
     let raft_task = tokio::spawn(serve_raft(listeners.raft, node.clone(), stop_rx.clone()));
+    tokio::spawn(crate::event_log::run(node.clone(), stop_rx.clone()));
     tokio::spawn(put_limits_in_force(
         node.clone(),
         config.engine,

@@ -1,5 +1,6 @@
-//! Three-node clusters on 127.0.0.1: replication, forwarding, failover, restart, catch-up by
-//! snapshot, and a minority that answers UNAVAILABLE within the caller's deadline.
+//! Three-node clusters on 127.0.0.1: replication, forwarding, linearizable reads on every
+//! node, failover, restart, catch-up by snapshot, and a minority that answers UNAVAILABLE
+//! within the caller's deadline.
 
 mod common;
 
@@ -616,6 +617,7 @@ async fn sixty_four_concurrent_reservations_never_exceed_a_hard_budget() {
                     ..Tokens::default()
                 },
                 ttl_ms: 60_000,
+                charge_on_expiry: false,
             });
             propose(s, cmd)
         })
@@ -680,4 +682,73 @@ async fn sixty_four_concurrent_reservations_never_exceed_a_hard_budget() {
     assert_eq!(standing.len(), 1);
     assert_eq!(standing[0].reserved, 0, "every hold was settled");
     assert_eq!(standing[0].used, committed * 100);
+}
+
+/// Linearizable reads on any node, through a leader change: once a report is acknowledged (by
+/// whichever node took it), every running node's `read_linearizable` holds it — followers take
+/// the leader's read index and apply up to it — and after the leader is killed, the survivors
+/// read through the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_on_every_node_see_every_acknowledged_write() {
+    use tally_server::engine::usage::{Attribution, ReportUsage, Tokens};
+    use tally_server::engine::{Command, Outcome};
+    let mut c = Cluster::three(base(), Arc::new(ManualClock::new(T0_MS))).await;
+    let leader = c.leader(None).await as usize;
+    let report = |n: usize| {
+        Command::ReportUsage(ReportUsage {
+            request_id: format!("r-{n}"),
+            who: Attribution {
+                subject: "key".into(),
+                ..Attribution::default()
+            },
+            tokens: Tokens {
+                input: 1,
+                ..Tokens::default()
+            },
+        })
+    };
+    let mut running: Vec<usize> = vec![1, 2, 3];
+    let mut acknowledged = 0;
+    for round in 0..2 {
+        if round == 1 {
+            c.stop(leader).await;
+            running.retain(|i| *i != leader);
+            c.leader(Some(leader as u64)).await;
+        }
+        let nodes: Vec<_> = running
+            .iter()
+            .map(|i| (*i, c.node(*i).node().unwrap()))
+            .collect();
+        for k in 0..9 {
+            let (by, writer) = &nodes[k % nodes.len()];
+            let answer = tokio::time::timeout(Duration::from_secs(5), async {
+                // Proposals may fail while a new leader settles in; retried until acknowledged.
+                loop {
+                    match writer.propose(report(acknowledged + 1)).await {
+                        Ok(outcome) => return outcome,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("node {by} acknowledges a report"));
+            assert!(matches!(answer, Outcome::Usage(_)), "{answer:?}");
+            acknowledged += 1;
+            for (i, node) in &nodes {
+                let records = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    node.read_linearizable(|e| e.export_usage(0, 10_000)),
+                )
+                .await
+                .unwrap_or_else(|_| panic!("node {i} reads within its bound"))
+                .unwrap_or_else(|e| panic!("node {i} reads: {e}"))
+                .unwrap();
+                assert_eq!(
+                    records.len(),
+                    acknowledged,
+                    "node {i} holds every acknowledged report"
+                );
+            }
+        }
+    }
 }

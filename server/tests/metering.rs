@@ -7,15 +7,17 @@
 //! 4. QueryUsage and ExportUsage agree with an oracle fed the same reports (proptest);
 //! 5. expiry is deterministic, request ids are forgotten only after retention, and the
 //!    metering state survives snapshot/restore byte for byte.
+//! 6. request-time checks: a hard budget with no room for one more unit refuses, soft and
+//!    shadow quotas never do, and a check changes no state.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tally_server::engine::limits::{CalendarUnit, WindowSpec};
 use tally_server::engine::usage::{
-    Attribution, Commit, Dimension, Enforcement, EventKind, Granularity, Metric, ModelPrice,
-    PriceCatalog, QuotaFilter, QuotaSet, QuotaSpec, Receipt, ReportUsage, Reserve, Settled, Tokens,
-    UsageQuery, UsageResult, UsageSums,
+    Attribution, CheckQuotas, Commit, Dimension, Enforcement, EventKind, Granularity, Metric,
+    ModelPrice, PriceCatalog, QuotaCheck, QuotaFilter, QuotaSet, QuotaSpec, Receipt, ReportUsage,
+    Reserve, Settled, Tokens, UsageQuery, UsageResult, UsageSums,
 };
 use tally_server::engine::{Command, CommandError, Engine, EngineSettings, Outcome};
 
@@ -68,6 +70,7 @@ fn reserve(id: &str, w: Attribution, estimate: Tokens, ttl_ms: u64) -> Command {
         who: w,
         estimate,
         ttl_ms,
+        charge_on_expiry: false,
     })
 }
 
@@ -461,6 +464,110 @@ fn an_expired_reservation_releases_itself_at_the_first_batch_past_its_ttl() {
     );
 }
 
+/// A reservation made for a caller that may never report (Envoy sends nothing at stream end
+/// for a client that disconnected) charges its estimate when its TTL passes; the quota keeps
+/// it, the ledger has it, and a report arriving later is answered with that record.
+#[test]
+fn a_charge_on_expiry_reservation_records_its_estimate_at_the_first_batch_past_its_ttl() {
+    let mut e = engine_with(
+        vec![
+            quota("daily", Metric::TotalTokens, 1_000, Some(fixed_day())),
+            quota("in-flight", Metric::Concurrent, 1, None),
+        ],
+        vec![],
+    );
+    let w = who("k", "", "");
+    let mut held = Reserve {
+        request_id: "gone".into(),
+        who: w.clone(),
+        estimate: tokens(300, 100),
+        ttl_ms: 5_000,
+        charge_on_expiry: true,
+    };
+    let r = one(&mut e, T0, Command::Reserve(held.clone()));
+    assert!(
+        matches!(receipt(&r).result, UsageResult::Reserved { .. }),
+        "{r:?}"
+    );
+    // Not yet expired at T0 + 4,999: nothing recorded, the in-flight slot taken.
+    let busy = one(
+        &mut e,
+        T0 + 4_999,
+        reserve("next", w.clone(), tokens(1, 0), 5_000),
+    );
+    assert!(
+        matches!(receipt(&busy).result, UsageResult::Denied { .. }),
+        "{busy:?}"
+    );
+    assert_eq!(e.last_usage_seq(), 0);
+    // The first batch at T0 + 5,000 charges the estimate before its own commands.
+    let next = one(
+        &mut e,
+        T0 + 5_000,
+        reserve("next2", w.clone(), tokens(1, 0), 5_000),
+    );
+    assert!(
+        matches!(receipt(&next).result, UsageResult::Reserved { .. }),
+        "{next:?}"
+    );
+    let records = e.export_usage(0, 10).unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (records[0].request_id.as_str(), records[0].tokens),
+        ("gone", tokens(300, 100))
+    );
+    assert_eq!(records[0].at_ms, T0 + 5_000);
+    let daily = e
+        .usage_overview("k", "")
+        .into_iter()
+        .find(|s| s.quota == "daily")
+        .unwrap();
+    assert_eq!(
+        (daily.used, daily.reserved),
+        (400, 1),
+        "the estimate; next2's hold"
+    );
+    // The stream-done report that comes after all gets the charged record, counting nothing.
+    let late = one(
+        &mut e,
+        T0 + 6_000,
+        report("gone", w.clone(), tokens(50, 50)),
+    );
+    let late = receipt(&late);
+    assert!(late.duplicate);
+    assert!(
+        matches!(
+            late.result,
+            UsageResult::Recorded {
+                seq: 1,
+                settled: Settled::Expired,
+                ..
+            }
+        ),
+        "{late:?}"
+    );
+    assert_eq!(e.last_usage_seq(), 1);
+    // Without charge_on_expiry the same reservation releases and records nothing.
+    held.request_id = "free".into();
+    held.charge_on_expiry = false;
+    one(
+        &mut e,
+        T0 + 7_000,
+        Command::Release {
+            request_id: "next2".into(),
+        },
+    );
+    one(&mut e, T0 + 7_001, Command::Reserve(held));
+    one(&mut e, T0 + 20_000, report("tick", w, tokens(1, 0)));
+    let ids: Vec<String> = e
+        .export_usage(0, 10)
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request_id)
+        .collect();
+    assert_eq!(ids, vec!["gone".to_string(), "tick".to_string()]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Calendar resets across DST; thresholds once per period
 // ---------------------------------------------------------------------------------------------
@@ -708,15 +815,28 @@ fn dropped_records_are_refused_not_answered_short() {
             report(&format!("r{i}"), who("k", "", ""), tokens(1, 0)),
         );
     }
-    let err = e.export_usage(1, 10).unwrap_err().to_string();
-    assert!(err.contains("before 3"), "{err}");
-    let tail = e.export_usage(2, 10).unwrap();
-    assert_eq!(
-        tail.iter().map(|r| r.seq).collect::<Vec<_>>(),
-        vec![3, 4, 5]
-    );
+    // The tail is trimmed when a batch part begins, so the last batch's record is still here
+    // (the node's archive copies it after the part): 2..=5.
+    let err = e.export_usage(0, 10).unwrap_err().to_string();
+    assert!(err.contains("before 2"), "{err}");
+    let seqs = |e: &Engine, after| {
+        e.export_usage(after, 10)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(seqs(&e, 1), vec![2, 3, 4, 5]);
     let mut q = total_query(T0, T0 + HOUR);
     q.granularity = Granularity::Minute;
+    assert!(e.query_usage(&q).is_err());
+    q.start_ms = T0 + MIN;
+    assert_eq!(e.query_usage(&q).unwrap().len(), 4);
+    // The next batch trims to 3 before its commands.
+    e.apply(T0 + 6 * MIN, &[]);
+    let err = e.export_usage(1, 10).unwrap_err().to_string();
+    assert!(err.contains("before 3"), "{err}");
+    assert_eq!(seqs(&e, 2), vec![3, 4, 5]);
     assert!(e.query_usage(&q).is_err());
     q.start_ms = T0 + 2 * MIN;
     assert_eq!(e.query_usage(&q).unwrap().len(), 3);
@@ -760,4 +880,125 @@ fn metering_state_survives_snapshot_and_restore_byte_for_byte() {
     assert_eq!(e.snapshot(), r.snapshot());
     assert_eq!(r.open_reservations(), 0);
     assert_eq!(r.events_after(0, 100), e.events_after(0, 100));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Request-time checks
+// ---------------------------------------------------------------------------------------------
+
+fn check(w: Attribution) -> Command {
+    Command::CheckQuotas(CheckQuotas { who: w })
+}
+
+fn quota_check(o: &Outcome) -> &QuotaCheck {
+    match o {
+        Outcome::QuotaCheck(q) => q,
+        other => panic!("expected a quota check, got {other:?}"),
+    }
+}
+
+/// Applies a check at `at_ms` (the time of the last batch) and asserts that the engine's
+/// snapshot bytes are the same after it.
+fn check_changes_nothing(e: &mut Engine, at_ms: i64, w: Attribution) -> QuotaCheck {
+    let before = e.snapshot();
+    let answer = quota_check(&one(e, at_ms, check(w))).clone();
+    assert!(e.snapshot() == before, "a check changed the engine's state");
+    answer
+}
+
+#[test]
+fn a_check_refuses_once_a_hard_budget_has_no_room_for_one_more_unit_and_changes_nothing() {
+    let with = |enforcement, q: QuotaSpec| QuotaSpec { enforcement, ..q };
+    let mut e = engine_with(
+        vec![
+            with(
+                Enforcement::Soft,
+                quota("soft-tokens", Metric::TotalTokens, 50, Some(fixed_day())),
+            ),
+            with(
+                Enforcement::Shadow,
+                quota("shadow-requests", Metric::Requests, 1, Some(fixed_day())),
+            ),
+            quota("daily-tokens", Metric::TotalTokens, 100, Some(fixed_day())),
+            quota("in-flight", Metric::Concurrent, 1, None),
+        ],
+        vec![],
+    );
+    let k = who("k", "", "");
+    one(&mut e, T0, report("r1", k.clone(), tokens(40, 20)));
+    // 60 of 100: room. The soft (60 > 50) and shadow (1 of 1) quotas are full: no refusal.
+    let c = check_changes_nothing(&mut e, T0, k.clone());
+    assert_eq!(c.denied, None);
+    let standings: Vec<(&str, u64, u64)> = c
+        .standings
+        .iter()
+        .map(|s| (s.quota.as_str(), s.used, s.remaining))
+        .collect();
+    assert_eq!(
+        standings,
+        vec![("daily-tokens", 60, 40), ("in-flight", 0, 1)],
+        "hard quotas only, in set order"
+    );
+    // A subject with no counter yet is checked without creating one.
+    let fresh = check_changes_nothing(&mut e, T0, who("new", "", ""));
+    assert_eq!((fresh.denied, fresh.standings[0].remaining), (None, 100));
+    // 99 of 100: one more token fits.
+    one(&mut e, T0 + 1, report("r2", k.clone(), tokens(39, 0)));
+    let c = check_changes_nothing(&mut e, T0 + 1, k.clone());
+    assert_eq!((c.denied, c.standings[0].remaining), (None, 1));
+    // 100 of 100: used up exactly, so the next request is refused.
+    one(&mut e, T0 + 2, report("r3", k.clone(), tokens(0, 1)));
+    let c = check_changes_nothing(&mut e, T0 + 2, k.clone());
+    let denied = c.denied.expect("a used-up budget refuses");
+    assert_eq!(
+        (denied.quota.as_str(), denied.used, denied.remaining),
+        ("daily-tokens", 100, 0)
+    );
+    assert_eq!(denied.reset_in_ms, (DAY - T0 % DAY) as u64 - 2);
+    // Streams in flight at the cap refuse one more, whatever the token budget says.
+    let j = who("j", "", "");
+    one(
+        &mut e,
+        T0 + 3,
+        reserve("s1", j.clone(), tokens(1, 0), 60_000),
+    );
+    let c = check_changes_nothing(&mut e, T0 + 3, j.clone());
+    assert_eq!(c.denied.map(|s| s.quota), Some("in-flight".to_owned()));
+    // The next day the budget is back.
+    let c = quota_check(&one(&mut e, T0 + DAY, check(k))).clone();
+    assert_eq!((c.denied, c.standings[0].remaining), (None, 100));
+    // A bad attribution is refused, naming the field.
+    let bad = one(&mut e, T0 + DAY, check(who("", "", "")));
+    assert!(
+        matches!(&bad, Outcome::Rejected(CommandError::Invalid { field, .. }) if field == "subject"),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn a_soft_or_shadow_quota_alone_never_refuses_a_check() {
+    for enforcement in [Enforcement::Soft, Enforcement::Shadow] {
+        let budget = QuotaSpec {
+            enforcement,
+            ..quota("budget", Metric::Requests, 1, Some(fixed_day()))
+        };
+        let mut e = engine_with(vec![budget], vec![]);
+        let k = who("k", "", "");
+        for i in 0..3 {
+            one(
+                &mut e,
+                T0,
+                report(&format!("r{i}"), k.clone(), tokens(1, 0)),
+            );
+        }
+        let c = check_changes_nothing(&mut e, T0, k);
+        assert_eq!(
+            c,
+            QuotaCheck {
+                denied: None,
+                standings: vec![]
+            },
+            "{enforcement:?}"
+        );
+    }
 }

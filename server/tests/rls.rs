@@ -17,6 +17,8 @@ behaviour_suite!(
     bad_input_is_invalid_argument_naming_the_field,
     a_full_counter_table_refuses_new_counters_without_half_applying,
     usage_descriptors_are_recorded_as_usage_once_per_request_id,
+    a_used_up_token_budget_refuses_the_next_request_time_check,
+    request_time_reservations_hold_the_budget_and_settle_at_stream_end_or_ttl,
 );
 use std::time::{Duration, Instant};
 use tally_proto::envoy::r#type::v3::RateLimitUnit;
@@ -488,6 +490,209 @@ async fn usage_descriptors_are_recorded_as_usage_once_per_request_id(topology: T
         err.message().contains("descriptors[0].entries"),
         "{}",
         err.message()
+    );
+    t.stop().await;
+}
+
+/// [`LIMITS`] with a hard daily token budget per subject and a soft request quota.
+fn metered_limits() -> String {
+    format!(
+        "{LIMITS}metering:
+  quotas:
+    - name: soft-requests
+      per: [subject]
+      metric: requests
+      limit: 1
+      window: 1d
+      enforcement: soft
+    - name: daily-tokens
+      per: [subject]
+      metric: total_tokens
+      limit: 100
+      window: {{ fixed: day, time_zone: UTC }}
+"
+    )
+}
+
+/// Token budget exhausted → 429 on the next request: a request-time usage descriptor
+/// (`hits_addend` 0) is checked against the hard quotas of its attribution; usage reported
+/// through the stream-done call uses the budget up; the next check is OVER_LIMIT, with the
+/// quota as the descriptor's limit. Soft quotas never refuse; Kuadrant's CheckRateLimit
+/// checks alike and records nothing.
+async fn a_used_up_token_budget_refuses_the_next_request_time_check(topology: Topology) {
+    let mut t = start_on(topology, &metered_limits(), |c| {
+        c.response.draft03_headers = true
+    })
+    .await;
+    let usage = |subject: &str, hits: Option<u64>| {
+        let mut d = desc(&[
+            ("usage", "total_tokens"),
+            ("subject", subject),
+            ("model", "m1"),
+        ]);
+        d.hits_addend = hits;
+        d
+    };
+    let r = t
+        .should(req("test", vec![usage("key-q", Some(0))], 0))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    let limit = r.statuses[0].current_limit.as_ref().expect("the budget");
+    assert_eq!(
+        (limit.name.as_str(), limit.requests_per_unit),
+        ("daily-tokens", 100)
+    );
+    assert_eq!(r.statuses[0].limit_remaining, 100);
+    // Stream done: 60 tokens. The soft request quota (1 a day) is now full: no refusal.
+    let r = t
+        .should(req("test", vec![usage("key-q", Some(60))], 0))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    let r = t
+        .should(req("test", vec![usage("key-q", Some(0))], 0))
+        .await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 40));
+    // 40 more: used up exactly.
+    t.should(req("test", vec![usage("key-q", Some(40))], 0))
+        .await;
+    let r = t
+        .should(req("test", vec![usage("key-q", Some(0))], 0))
+        .await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let s = &r.statuses[0];
+    assert_eq!((s.code, s.limit_remaining), (Code::OverLimit as i32, 0));
+    let limit = s.current_limit.as_ref().expect("the quota is named");
+    assert_eq!(
+        (limit.name.as_str(), limit.requests_per_unit, limit.unit),
+        ("daily-tokens", 100, RateLimitUnit::Day as i32)
+    );
+    // T0 is noon UTC: the day's budget comes back at midnight.
+    assert_eq!(s.duration_until_reset.unwrap().seconds, 12 * 3_600);
+    assert!(!r.raw_body.is_empty());
+    assert_eq!(header(&r, "x-ratelimit-remaining"), Some("0"));
+    // Another subject has its own budget; other descriptors keep their own status.
+    let r = t
+        .should(req("test", vec![user("q"), usage("key-r", Some(0))], 0))
+        .await;
+    assert_eq!(code(&r), Code::Ok);
+    assert_eq!(
+        r.statuses[0].current_limit.as_ref().unwrap().name,
+        "per-user"
+    );
+    // Kuadrant's CheckRateLimit checks every usage descriptor and records nothing.
+    for (subject, expected) in [("key-q", Code::OverLimit), ("key-r", Code::Ok)] {
+        let r = t
+            .kuadrant
+            .check_rate_limit(req("test", vec![usage(subject, None)], 5))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(code(&r), expected, "{subject}");
+    }
+    let r = t
+        .should(req("test", vec![usage("key-r", Some(0))], 0))
+        .await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    // The next day the budget is back.
+    t.clock.advance_ms(12 * 3_600_000);
+    let r = t
+        .should(req("test", vec![usage("key-q", Some(0))], 0))
+        .await;
+    assert_eq!((code(&r), r.statuses[0].limit_remaining), (Code::Ok, 100));
+    t.stop().await;
+}
+
+/// Envoy's reservation flow: a request-time `usage=reserve` descriptor holds its estimate under
+/// `x-request-id`; the stream-done call with the same id settles it with the actual usage; a
+/// stream whose end never comes is charged its estimate at the TTL; a call refused anyway
+/// releases what it reserved.
+async fn request_time_reservations_hold_the_budget_and_settle_at_stream_end_or_ttl(
+    topology: Topology,
+) {
+    let mut t = start_on(topology, &metered_limits(), |_| {}).await;
+    let reserve = |id: &str, estimate: u64| {
+        let mut d = desc(&[
+            ("usage", "reserve"),
+            ("subject", "key-v"),
+            ("request_id", id),
+            ("reserve_ttl_s", "30"),
+        ]);
+        d.hits_addend = Some(estimate);
+        d
+    };
+    let done = |id: &str, tokens: u64| {
+        let mut d = desc(&[
+            ("usage", "total_tokens"),
+            ("subject", "key-v"),
+            ("request_id", id),
+        ]);
+        d.hits_addend = Some(tokens);
+        d
+    };
+    // 40 + 40 of the daily 100 held; a third 40 does not fit.
+    for id in ["a", "b"] {
+        let r = t.should(req("test", vec![reserve(id, 40)], 0)).await;
+        assert_eq!(code(&r), Code::Ok, "{id}: {r:?}");
+    }
+    let r = t.should(req("test", vec![reserve("c", 40)], 0)).await;
+    assert_eq!(code(&r), Code::OverLimit);
+    let s = &r.statuses[0];
+    assert_eq!(s.current_limit.as_ref().unwrap().name, "daily-tokens");
+    assert_eq!(s.limit_remaining, 20);
+    // a's stream ends having used 10: 10 used + 40 held by b leaves room for c.
+    t.should(req("test", vec![done("a", 10)], 0)).await;
+    // (A new request: a new x-request-id. Under "c" the first answer, a denial, repeats.)
+    let r = t.should(req("test", vec![reserve("c", 40)], 0)).await;
+    assert_eq!(
+        code(&r),
+        Code::OverLimit,
+        "a retried id gets its first answer"
+    );
+    let r = t.should(req("test", vec![reserve("c2", 40)], 0)).await;
+    assert_eq!(code(&r), Code::Ok);
+    // A call refused by a rate limit releases its reservation: `alice` is over per-user.
+    for _ in 0..3 {
+        t.should(req("test", vec![user("alice")], 0)).await;
+    }
+    let r = t
+        .should(req("test", vec![user("alice"), reserve("d", 10)], 0))
+        .await;
+    assert_eq!(code(&r), Code::OverLimit);
+    // b and c never end: 31 s later both are charged their estimates (d, released, is not).
+    t.clock.advance_ms(31_000);
+    t.should(req("test", vec![done("tick", 1)], 0)).await;
+    let node = t.server.node().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.read(|e| e.last_usage_seq()).await.unwrap() < 4 {
+        assert!(Instant::now() < deadline, "four records applied within 5 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let records = node
+        .read(|e| e.export_usage(0, 100))
+        .await
+        .unwrap()
+        .unwrap();
+    let summary: Vec<(String, u64)> = records
+        .iter()
+        .map(|r| (r.request_id.clone(), r.tokens.total()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("rls:test:a".to_string(), 10),
+            ("rls:test:b".to_string(), 40),
+            ("rls:test:c2".to_string(), 40),
+            ("rls:test:tick".to_string(), 1),
+        ]
+    );
+    // A reserve descriptor without a request id is refused, naming the descriptor.
+    let mut bad = desc(&[("usage", "reserve"), ("subject", "key-v")]);
+    bad.hits_addend = Some(5);
+    let e = t.should_err(req("test", vec![bad], 0)).await;
+    assert_eq!(e.code(), GrpcCode::InvalidArgument);
+    assert!(
+        e.message().contains("descriptors[0]") && e.message().contains("request_id"),
+        "{e:?}"
     );
     t.stop().await;
 }

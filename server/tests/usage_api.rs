@@ -21,7 +21,10 @@ use tally_server::engine::limits::WindowSpec;
 use tally_server::engine::usage::{
     Dimension, Enforcement, Metric, QuotaFilter, QuotaSet, QuotaSpec,
 };
-use tally_server::engine::{Command, Outcome};
+use tally_server::engine::{Command, EngineSettings, Outcome};
+use tally_server::node::usage_archive::ArchiveConfig;
+use tally_server::node::{ManualClock, RaftTimings};
+use tally_server::server::{self, LimitsSource, ServerConfig};
 use tokio_stream::StreamExt;
 use tonic::Code as GrpcCode;
 use tonic::transport::Channel;
@@ -408,11 +411,72 @@ async fn export_resumes_without_gap_or_duplicate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_export_past_retention_is_out_of_range_naming_the_first_seq_available() {
+async fn an_export_reads_history_past_the_engine_tail_from_disk_and_after_a_restart() {
     within(async {
-        let t = start_with(LIMITS, |c| c.engine.max_usage_records = 10).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = |dir: &std::path::Path| ServerConfig {
+            limits: LimitsSource::Inline {
+                origin: "test limits".into(),
+                text: LIMITS.into(),
+            },
+            clock: Arc::new(ManualClock::new(T0_MS)),
+            data_dir: dir.join("node-1"),
+            // Snapshots every few entries: the archive is synced before each.
+            timings: RaftTimings {
+                snapshot_every_entries: 7,
+                ..fast_timings()
+            },
+            engine: EngineSettings {
+                max_usage_records: 10,
+                ..EngineSettings::default()
+            },
+            ..ServerConfig::default()
+        };
+        let server = server::spawn(config(dir.path())).await.unwrap();
+        server.wait_ready(Duration::from_secs(10)).await.unwrap();
+        let mut usage = UsageClient::new(connect(server.grpc_addr).await);
+        for i in 0..40 {
+            let r = report(&format!("r{i}"), "alice", i + 1, 1);
+            usage.report_usage(r).await.unwrap();
+        }
+        // The engine holds the newest 10; the export has all 40, once, in order.
+        let all = export_all(&mut usage, 0, 0).await;
+        assert_eq!(
+            all.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            (1..=40).collect::<Vec<_>>()
+        );
+        assert_eq!(all[4].input_tokens, 5);
+        server.stop().await.unwrap();
+        // Restarted from its snapshot and log: the same 40, and new records continue at 41.
+        let server = server::spawn(config(dir.path())).await.unwrap();
+        server.wait_ready(Duration::from_secs(10)).await.unwrap();
+        let mut usage = UsageClient::new(connect(server.grpc_addr).await);
+        usage
+            .report_usage(report("r-after", "bob", 7, 7))
+            .await
+            .unwrap();
+        let again = export_all(&mut usage, 0, 0).await;
+        assert_eq!(again.len(), 41);
+        assert_eq!(&again[..40], &all[..]);
+        assert_eq!((again[40].seq, again[40].subject.as_str()), (41, "bob"));
+        server.stop().await.unwrap();
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_past_archive_retention_is_out_of_range_naming_the_first_seq_available() {
+    within(async {
+        let t = start_with(LIMITS, |c| {
+            c.archive = ArchiveConfig {
+                max_bytes: 1,
+                segment_max_bytes: 1_000,
+                ..ArchiveConfig::default()
+            };
+        })
+        .await;
         let mut usage = UsageClient::new(connect(t.server.grpc_addr).await);
-        for i in 0..15 {
+        for i in 0..40 {
             usage
                 .report_usage(report(&format!("r{i}"), "alice", 1, 1))
                 .await
@@ -420,17 +484,108 @@ async fn an_export_past_retention_is_out_of_range_naming_the_first_seq_available
         }
         let e = usage
             .export_usage(ExportUsageRequest {
-                after_seq: 2,
+                after_seq: 0,
                 max_records: 0,
             })
             .await
             .unwrap_err();
         assert_eq!(e.code(), GrpcCode::OutOfRange, "{e:?}");
-        assert!(e.message().contains('6'), "names seq 6: {}", e.message());
-        let kept = export_all(&mut usage, 5, 0).await;
-        assert_eq!(kept.first().map(|r| r.seq), Some(6));
-        assert_eq!(kept.len(), 10);
+        let first: u64 = e
+            .message()
+            .split("before seq ")
+            .nth(1)
+            .and_then(|m| m.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("names the first seq held: {}", e.message()));
+        assert!(first > 1 && first <= 40, "{first}");
+        let kept = export_all(&mut usage, first - 1, 0).await;
+        assert_eq!(kept.first().map(|r| r.seq), Some(first));
+        assert_eq!(kept.last().map(|r| r.seq), Some(40));
         t.stop().await;
+    })
+    .await
+}
+
+/// A follower wiped and restored from the leader's snapshot holds only what that snapshot's
+/// engine tail carries; it copies the rest from the other members (backfill), after which it
+/// exports every record, the same as the leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_restored_by_snapshot_fills_its_archive_from_other_members() {
+    within(async {
+        let base = ServerConfig {
+            limits: LimitsSource::Inline {
+                origin: "test limits".into(),
+                text: LIMITS.into(),
+            },
+            timings: RaftTimings {
+                snapshot_every_entries: 40,
+                ..fast_timings()
+            },
+            engine: EngineSettings {
+                max_usage_records: 50,
+                ..EngineSettings::default()
+            },
+            ..ServerConfig::default()
+        };
+        let mut c = Cluster::three(base, Arc::new(ManualClock::new(T0_MS))).await;
+        let leader = c.leader(None).await as usize;
+        let victim = if leader == 3 { 2 } else { 3 };
+        c.stop(victim).await;
+        let victim_dir = c.dir.path().join(format!("node-{victim}"));
+        std::fs::remove_dir_all(&victim_dir).unwrap();
+        let mut usage = UsageClient::new(connect(c.node(leader).grpc_addr).await);
+        for i in 0..200 {
+            let r = report(&format!("r{i}"), "alice", 1, 1);
+            usage.report_usage(r).await.unwrap();
+        }
+        let all = export_all(&mut usage, 0, 0).await;
+        assert_eq!(all.len(), 200);
+        c.start_node(victim, false).await;
+        c.node(victim)
+            .wait_ready(Duration::from_secs(15))
+            .await
+            .unwrap();
+        let mut restored = UsageClient::new(connect(c.node(victim).grpc_addr).await);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let got = loop {
+            match restored
+                .export_usage(ExportUsageRequest {
+                    after_seq: 0,
+                    max_records: 0,
+                })
+                .await
+            {
+                Ok(_) => break export_all(&mut restored, 0, 0).await,
+                Err(e) => {
+                    // Until the hole is filled: UNAVAILABLE naming it.
+                    assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+                    assert!(
+                        e.message().contains("does not hold usage records 1..="),
+                        "{e:?}"
+                    );
+                }
+            }
+            assert!(std::time::Instant::now() < deadline, "filled within 20 s");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(got, all, "the same records, once, in order");
+        // It came by backfill: a closed segment from seq 1, which no rotation of 64 MiB
+        // segments could have closed (it would have been written in order otherwise).
+        let names: Vec<String> = std::fs::read_dir(victim_dir.join("usage"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("u-00000000000000000001-") && n.ends_with(".seg")),
+            "{names:?}"
+        );
+        for i in 1..=3 {
+            if c.nodes[i - 1].is_some() {
+                c.stop(i).await;
+            }
+        }
     })
     .await
 }
@@ -544,6 +699,11 @@ async fn reports_are_charged_at_the_prices_in_force() {
 
 /// A hard budget of 1,000 tokens per subject per hour, alerting at 50 %.
 async fn put_quota(t: &TestServer) {
+    put_quota_on(&t.server.node().expect("node started")).await
+}
+
+/// [`put_quota`], proposed on `node`.
+async fn put_quota_on(node: &tally_server::node::Node) {
     let set = QuotaSet {
         quotas: vec![QuotaSpec {
             name: "tokens-per-hour".into(),
@@ -558,7 +718,6 @@ async fn put_quota(t: &TestServer) {
             thresholds_pct: vec![50],
         }],
     };
-    let node = t.server.node().expect("node started");
     let outcome = node.propose(Command::ReplaceQuotas(set)).await.unwrap();
     assert!(
         matches!(outcome, Outcome::QuotasReplaced { quotas: 1, .. }),
@@ -587,6 +746,7 @@ async fn reserve_commit_release_and_a_denial_is_an_ok_answer() {
             estimate: estimate(input, 100),
             ttl_ms: 60_000,
             tags: vec![],
+            charge_on_expiry: false,
         };
         let held = usage.reserve(reserve("a", 500)).await.unwrap().into_inner();
         let Some(usage_receipt::Result::Reserved(r)) = &held.result else {
@@ -759,10 +919,10 @@ async fn an_open_events_stream_does_not_hold_up_shutdown() {
     .await
 }
 
-/// On a follower, writes are forwarded to the leader; linearizable reads are the leader's to
-/// serve, so a follower answers UNAVAILABLE saying so.
+/// On a follower, writes are forwarded to the leader, and linearizable reads are served there
+/// too: the report it forwarded is in its own query and export at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_follower_forwards_reports_and_sends_reads_to_the_leader() {
+async fn a_follower_forwards_reports_and_serves_linearizable_reads() {
     within(async {
         let t = start_on(Topology::ThreeNodes, LIMITS, |_| {}).await;
         let mut usage = UsageClient::new(connect(t.server.grpc_addr).await);
@@ -772,20 +932,138 @@ async fn a_follower_forwards_reports_and_sends_reads_to_the_leader() {
             .expect("a follower forwards the report")
             .into_inner();
         assert_eq!(recorded(&receipt).seq, 1);
-        let e = usage.query_usage(total_query()).await.unwrap_err();
-        assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
-        assert!(e.message().contains("leader"), "{}", e.message());
-        let cluster = t.cluster.as_ref().expect("three nodes");
-        // Node 2 is `t.server` (taken out of the cluster's slots); the others are there.
-        let leader_addr = match cluster.leader(None).await {
-            2 => t.server.grpc_addr,
-            i => cluster.node(i as usize).grpc_addr,
-        };
-        let mut at_leader = UsageClient::new(connect(leader_addr).await);
-        let records = export_all(&mut at_leader, 0, 0).await;
+        let rows = usage
+            .query_usage(total_query())
+            .await
+            .expect("a follower serves linearizable reads")
+            .into_inner()
+            .rows;
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0].requests, 1);
+        let records = export_all(&mut usage, 0, 0).await;
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].request_id, "via-follower");
         t.stop().await;
+    })
+    .await
+}
+
+/// Three nodes serving `LIMITS`, every one in the cluster's slots (so any can be stopped).
+async fn three_nodes() -> Cluster {
+    let config = tally_server::server::ServerConfig {
+        limits: tally_server::server::LimitsSource::Inline {
+            origin: "test limits".into(),
+            text: LIMITS.into(),
+        },
+        timings: fast_timings(),
+        ..tally_server::server::ServerConfig::default()
+    };
+    Cluster::three(
+        config,
+        Arc::new(tally_server::node::ManualClock::new(T0_MS)),
+    )
+    .await
+}
+
+async fn usage_client(c: &Cluster, i: usize) -> UsageClient<Channel> {
+    UsageClient::new(connect(c.node(i).grpc_addr).await)
+}
+
+/// What every node must answer once reports `1..=n` of [`report_round`] are acknowledged.
+async fn assert_reads_see(usage: &mut UsageClient<Channel>, n: u64, node: usize) {
+    let tokens: u64 = (1..=n).map(|k| 10 + k).sum();
+    let rows = usage
+        .query_usage(total_query())
+        .await
+        .unwrap_or_else(|e| panic!("node {node} queries: {e:?}"))
+        .into_inner()
+        .rows;
+    assert_eq!(rows.len(), 1, "node {node} after {n}: {rows:?}");
+    assert_eq!(
+        rows[0].requests, n,
+        "node {node} misses an acknowledged report"
+    );
+    assert_eq!(rows[0].input_tokens + rows[0].output_tokens, tokens);
+    let standings = usage
+        .get_usage_overview(GetUsageOverviewRequest {
+            subject: "alice".into(),
+            subscription: "free".into(),
+        })
+        .await
+        .unwrap_or_else(|e| panic!("node {node} overview: {e:?}"))
+        .into_inner()
+        .standings;
+    assert_eq!(standings.len(), 1, "node {node}: {standings:?}");
+    assert_eq!(standings[0].used, tokens, "node {node} after {n}");
+    let records = export_all(usage, 0, 0).await;
+    let ids: Vec<_> = records.iter().map(|r| r.request_id.clone()).collect();
+    let want: Vec<_> = (1..=n).map(|k| format!("round-{k}")).collect();
+    assert_eq!(ids, want, "node {node} exports every acknowledged record");
+}
+
+/// Read-your-writes across nodes: a report acknowledged by the leader (or forwarded by one
+/// follower) is in every follower's QueryUsage, GetUsageOverview and ExportUsage at once,
+/// with no wait for replication in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_follower_reads_every_write_acknowledged_before() {
+    within(async {
+        let c = three_nodes().await;
+        let leader = c.leader(None).await as usize;
+        let followers: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+        let leader_node = c.node(leader).node().expect("leader runs");
+        put_quota_on(&leader_node).await;
+        let mut writers = vec![(leader, usage_client(&c, leader).await)];
+        let mut readers = Vec::new();
+        for &f in &followers {
+            writers.push((f, usage_client(&c, f).await));
+            readers.push((f, usage_client(&c, f).await));
+        }
+        for n in 1..=12u64 {
+            // Through the leader, then through each follower (forwarded) in turn.
+            let (by, w) = &mut writers[n as usize % 3];
+            w.report_usage(report(&format!("round-{n}"), "alice", 10, n))
+                .await
+                .unwrap_or_else(|e| panic!("node {by} reports: {e:?}"));
+            for (f, r) in &mut readers {
+                assert_reads_see(r, n, *f).await;
+            }
+        }
+    })
+    .await
+}
+
+/// No leader, no quorum: a follower's linearizable read answers UNAVAILABLE within the
+/// caller's deadline (and within the node's own bound without one) instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_without_quorum_answers_reads_unavailable_within_the_deadline() {
+    within(async {
+        let mut c = three_nodes().await;
+        let leader = c.leader(None).await as usize;
+        let others: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
+        let survivor = others[0];
+        let mut usage = usage_client(&c, survivor).await;
+        usage
+            .report_usage(report("before", "alice", 1, 1))
+            .await
+            .unwrap();
+        c.stop(leader).await;
+        c.stop(others[1]).await;
+        for deadline in [Some(300), Some(300), None, Some(300)] {
+            let mut request = tonic::Request::new(total_query());
+            if let Some(ms) = deadline {
+                request.set_timeout(Duration::from_millis(ms));
+            }
+            let started = std::time::Instant::now();
+            let e = usage
+                .query_usage(request)
+                .await
+                .expect_err("no quorum, no read");
+            let took = started.elapsed();
+            assert_eq!(e.code(), GrpcCode::Unavailable, "{e:?}");
+            // The node's own bound is its forward timeout (2 s).
+            let bound = Duration::from_millis(deadline.map_or(2_000, |ms| ms) + 500);
+            assert!(took < bound, "answered after {took:?} ({deadline:?})");
+        }
     })
     .await
 }

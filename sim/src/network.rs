@@ -630,4 +630,59 @@ impl ForwardTransport for SimForward {
     > {
         Box::pin(self.forward(addr, commands))
     }
+
+    /// As `tally.v1.Forward`'s ReadIndex: routed to the leader in memory under the same faults
+    /// as a forwarded batch (loss, delay, cuts, crashes), within [`FORWARD_TIMEOUT`].
+    fn read_index<'a>(
+        &'a self,
+        addr: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<u64, NodeError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let unavailable =
+                |why: &str| NodeError::Unavailable(format!("read index from leader {addr}: {why}"));
+            let Some(to) = node_of_addr(addr) else {
+                return Err(unavailable("bad address"));
+            };
+            let (from, router) = (self.from, self.router.clone());
+            let deadline = Instant::now() + FORWARD_TIMEOUT;
+            if router.node(to).is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                return Err(unavailable("connection refused"));
+            }
+            let fate = router.fate(from, to, false);
+            let (tx, rx) = oneshot::channel::<Result<u64, NodeError>>();
+            if !fate.lost && !router.is_cut(from, to) {
+                tokio::spawn(async move {
+                    tokio::time::sleep(fate.delay).await;
+                    if router.is_cut(from, to) {
+                        return;
+                    }
+                    let Some((epoch, node)) = router.incarnation(to) else {
+                        let _ = tx.send(Err(NodeError::Unavailable("connection reset".into())));
+                        return;
+                    };
+                    let answer = node.read_index_here().await;
+                    drop(node);
+                    let back = router.fate(to, from, false);
+                    if !router.alive(to, epoch) || back.lost {
+                        return;
+                    }
+                    tokio::time::sleep(back.delay).await;
+                    if !router.is_cut(to, from) {
+                        let _ = tx.send(answer);
+                    }
+                });
+            }
+            match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(answer)) => answer.map_err(|e| unavailable(&e.to_string())),
+                // Lost on the way: the caller sees its deadline pass, as over TCP.
+                Ok(Err(_)) => {
+                    tokio::time::sleep_until(deadline).await;
+                    Err(unavailable("deadline exceeded"))
+                }
+                Err(_) => Err(unavailable("deadline exceeded")),
+            }
+        })
+    }
 }

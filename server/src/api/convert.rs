@@ -8,9 +8,12 @@ use tally_proto::envoy::service::ratelimit::v3::rate_limit_response::{
 use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tally_proto::envoy::r#type::v3::RateLimitUnit;
 
-use crate::engine::limits::Unit;
+use std::sync::Arc;
+
+use crate::engine::limits::{Unit, WindowSpec};
+use crate::engine::usage::QuotaStanding;
 use crate::engine::{
-    Code, Decision, Descriptor, DescriptorStatus, LimitOverride, Mode, RateLimitCommand,
+    Code, Decision, Descriptor, DescriptorStatus, LimitInfo, LimitOverride, Mode, RateLimitCommand,
 };
 
 /// The body Envoy returns with a 429 when Tally says OVER_LIMIT (OpenAI's error shape).
@@ -118,6 +121,28 @@ impl From<&DescriptorStatus> for WireStatus {
             }),
             quota: None,
         }
+    }
+}
+
+/// A metering quota reported as a descriptor's status, as a limit would be: its name and
+/// limit as `current_limit` (the unit from its window; `Unknown` for a concurrency cap,
+/// which has none), what is left as `limit_remaining`, its window's reset as
+/// `duration_until_reset`.
+pub fn quota_status(
+    s: &QuotaStanding,
+    window: Option<&WindowSpec>,
+    code: Code,
+) -> DescriptorStatus {
+    DescriptorStatus {
+        code,
+        current_limit: Some(LimitInfo {
+            name: Arc::from(s.quota.as_str()),
+            capacity: s.limit,
+            unit: window.map_or(Unit::Unknown, WindowSpec::unit),
+            window_s: window.map_or(0, WindowSpec::nominal_seconds),
+        }),
+        remaining: s.remaining,
+        reset_in_ms: s.reset_in_ms,
     }
 }
 

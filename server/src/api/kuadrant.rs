@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, RequestHits, ResponseOptions};
 use super::deadline;
-use super::rls::{decide, decide_and_record};
+use super::rls::decide_and_record;
 use super::rls_usage::CallIds;
 use crate::engine::Mode;
 use crate::node::Node;
@@ -26,7 +26,8 @@ impl Kuadrant {
 
 #[tonic::async_trait]
 impl RateLimitService for Kuadrant {
-    /// Decides as ShouldRateLimit would and debits nothing.
+    /// Decides as ShouldRateLimit would and debits nothing; usage descriptors are checked
+    /// against the hard metering quotas and record nothing (see `rls_usage`).
     async fn check_rate_limit(
         &self,
         request: Request<RateLimitRequest>,
@@ -37,7 +38,7 @@ impl RateLimitService for Kuadrant {
             Mode::CheckOnly,
             RequestHits::ZeroMeansOne,
         );
-        decide(&self.node, cmd, deadline, self.options).await
+        decide_and_record(&self.node, cmd, false, &self.ids, deadline, self.options).await
     }
 
     /// Debits `hits_addend` (taken literally: 0 adds nothing) on every matched counter,

@@ -4,7 +4,9 @@
 //! Layout:
 //! - `rls`: `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`.
 //! - `kuadrant`: `kuadrant.service.ratelimit.v1.RateLimitService` (CheckRateLimit, Report).
-//! - `rls_usage`: usage descriptors of rate-limit calls (stream-done, Report) as usage reports.
+//! - `rls_usage`: usage descriptors of rate-limit calls (stream-done, Report) as usage reports,
+//!   and request-time checks of the hard quotas.
+//! - `rls_reserve`: `usage=reserve` descriptors: reservations taken at request time.
 //! - `admin`: `tally.v1.Admin` (status, limits in force).
 //! - `usage`: `tally.v1.Usage` (usage reports, reservations, prices, billing queries, export,
 //!   quota events), with its wire ⇄ domain conversions in `usage_convert`.
@@ -22,6 +24,7 @@ pub mod http;
 mod kuadrant;
 pub mod raft;
 mod rls;
+mod rls_reserve;
 mod rls_usage;
 pub(crate) mod status;
 mod usage;

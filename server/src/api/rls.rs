@@ -7,9 +7,10 @@ use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResp
 use tonic::{Request, Response, Status};
 
 use super::convert::{self, RequestHits, ResponseOptions};
+use super::rls_reserve;
 use super::rls_usage::{self, CallIds};
 use super::{deadline, status};
-use crate::engine::{Command, Mode, Outcome, RateLimitCommand};
+use crate::engine::{Command, Decision, Mode, Outcome, RateLimitCommand};
 use crate::node::Node;
 
 pub struct Rls {
@@ -25,22 +26,12 @@ impl Rls {
     }
 }
 
-/// Validates, proposes and answers one rate-limit command (shared with the Kuadrant service).
-/// Answers UNAVAILABLE, not DEADLINE_EXCEEDED, when no decision comes within the caller's
-/// deadline, so Envoy applies its failure mode.
-pub async fn decide(
-    node: &Node,
-    cmd: RateLimitCommand,
-    deadline: Option<Duration>,
-    options: ResponseOptions,
-) -> Result<Response<RateLimitResponse>, Status> {
-    cmd.validate()?;
-    propose_decision(node, cmd, deadline, options).await
-}
-
-/// [`decide`], also recording the command's usage descriptors as usage (see `rls_usage`);
-/// `request_hits_count`: the request-level hits are usage too (Kuadrant's Report). Nothing is
-/// recorded for an invalid command.
+/// Validates, proposes and answers one rate-limit command (shared with the Kuadrant service),
+/// recording its usage descriptors as usage and checking its check-only ones against the hard
+/// metering quotas (see `rls_usage`); `request_hits_count`: the request-level hits are usage
+/// too (Kuadrant's Report). Nothing is recorded for an invalid command. Answers UNAVAILABLE,
+/// not DEADLINE_EXCEEDED, when no decision comes within the caller's deadline, so Envoy
+/// applies its failure mode.
 pub async fn decide_and_record(
     node: &Node,
     cmd: RateLimitCommand,
@@ -51,20 +42,30 @@ pub async fn decide_and_record(
 ) -> Result<Response<RateLimitResponse>, Status> {
     cmd.validate()?;
     let reports = rls_usage::reports(&cmd, request_hits_count, ids)?;
-    let (decision, recorded) = tokio::join!(
-        propose_decision(node, cmd, deadline, options),
-        rls_usage::record(node, reports, deadline)
+    let mut checks = rls_usage::quota_checks(&cmd)?;
+    let holds = rls_reserve::holds(&cmd)?;
+    // Side by side: a check or reservation adds no Raft round trip of its own to the call.
+    let (decision, recorded, checked, taken) = tokio::join!(
+        propose_decision(node, cmd, deadline),
+        rls_usage::record(node, reports, deadline),
+        rls_usage::check(node, &checks, deadline),
+        rls_reserve::take(node, &holds, deadline),
     );
     recorded?;
-    decision
+    let (mut decision, mut answers, taken) = (decision?, checked?, taken?);
+    // Reservations answer like checks: denied, or their hard quotas' standings.
+    checks.extend(holds.iter().map(|h| h.check.clone()));
+    answers.extend(taken.iter().map(|t| t.answer.clone()));
+    rls_usage::merge(node, &mut decision, &checks, &answers).await;
+    rls_reserve::release_if_refused(node, &decision, &holds, &taken, deadline).await;
+    Ok(Response::new(convert::response(&decision, options)))
 }
 
 async fn propose_decision(
     node: &Node,
     cmd: RateLimitCommand,
     deadline: Option<Duration>,
-    options: ResponseOptions,
-) -> Result<Response<RateLimitResponse>, Status> {
+) -> Result<Decision, Status> {
     let outcome = deadline::propose(
         node,
         Command::RateLimit(cmd),
@@ -73,7 +74,7 @@ async fn propose_decision(
     )
     .await?;
     match outcome {
-        Outcome::RateLimit(decision) => Ok(Response::new(convert::response(&decision, options))),
+        Outcome::RateLimit(decision) => Ok(decision),
         Outcome::Rejected(e) => Err(e.into()),
         other => Err(status::unexpected(&other)),
     }

@@ -6,6 +6,7 @@ use crate::engine::usage::ReadError;
 use crate::engine::{CommandError, Outcome};
 use crate::node::NodeError;
 use crate::node::membership::MembershipError;
+use crate::node::usage_archive::ArchiveError;
 
 impl From<CommandError> for Status {
     fn from(e: CommandError) -> Status {
@@ -29,6 +30,21 @@ impl From<ReadError> for Status {
     }
 }
 
+impl From<ArchiveError> for Status {
+    fn from(e: ArchiveError) -> Status {
+        match e {
+            // The message names the first seq still held.
+            ArchiveError::PastRetention { .. } => Status::out_of_range(e.to_string()),
+            // Another node holds them: retry there.
+            ArchiveError::NotHeld { .. } => Status::unavailable(e.to_string()),
+            ArchiveError::Io { .. } | ArchiveError::Corrupt(_) => {
+                tracing::error!(error = %e, "usage archive read failed");
+                Status::internal(e.to_string())
+            }
+        }
+    }
+}
+
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         // Every node error means "not decided here, now": Envoy applies its failure mode.
@@ -36,16 +52,12 @@ impl From<NodeError> for Status {
     }
 }
 
-/// A linearizable read asked of a node that is not the leader: read-index reads are served by
-/// the leader only (openraft 0.9 has no follower read-index), so the caller should ask it.
-pub fn read_not_on_leader(leader: Option<u64>) -> Status {
-    let leader = leader.map_or("no leader is known".to_owned(), |id| {
-        format!("the leader is node {id}")
-    });
-    Status::unavailable(format!(
-        "linearizable reads are served by the leader and this node is not it ({leader}); \
-         send the read to the leader"
-    ))
+/// A linearizable read that could not be served. Every node serves them (the leader after
+/// confirming its leadership with a majority, a follower after applying up to the leader's read
+/// index), so a failure means no leader, no quorum, an unreachable leader or a node too far
+/// behind: UNAVAILABLE, and the same read may be retried here or on any node.
+pub fn read_unavailable(e: NodeError) -> Status {
+    Status::unavailable(format!("no linearizable read: {e}"))
 }
 
 /// An outcome of the wrong kind for its command: a bug, reported without crashing the server.

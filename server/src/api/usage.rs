@@ -4,8 +4,9 @@
 //! Writes are validated here (the engine's `validate`, so bad input answers INVALID_ARGUMENT
 //! naming the wire field) and proposed through the [`Node`] with the caller's deadline; the
 //! engine validates again when it applies them. Reads that a billing job relies on (queries,
-//! the overview, prices, every export page) are linearizable. Wire ⇄ domain conversions live
-//! in `usage_convert`; errors become statuses only in `status`.
+//! the overview, prices, every export page) are linearizable, on any node: a follower takes
+//! the leader's read index and answers once it has applied up to it. Wire ⇄ domain
+//! conversions live in `usage_convert`; errors become statuses only in `status`.
 
 use std::time::Duration;
 
@@ -21,9 +22,9 @@ use crate::engine::usage::{
     self, Commit, PriceCatalog, ReportUsage, Reserve, UsageQuery, UsageRecord,
 };
 use crate::engine::{Command, CommandError, Engine, Outcome};
-use crate::node::{Node, NodeError};
+use crate::node::Node;
 
-/// Most usage records one export page reads (one linearizable read, under the engine's lock).
+/// Most usage records one export page reads from the node's usage archive.
 pub const EXPORT_PAGE: usize = 1_000;
 /// Pages an export buffers ahead of its reader: a slow reader holds the export back, so memory
 /// stays bounded by this many pages per stream.
@@ -72,7 +73,8 @@ impl Usage {
     }
 }
 
-/// A linearizable read of the engine, at most `deadline` (or [`MAX_DECISION_WAIT`]).
+/// A linearizable read of the engine, on this node whether it leads or not, at most `deadline`
+/// (or [`MAX_DECISION_WAIT`]; the node bounds a read by its forward timeout too).
 async fn read<R>(
     node: &Node,
     deadline: Option<Duration>,
@@ -81,12 +83,10 @@ async fn read<R>(
     let wait = deadline.unwrap_or(MAX_DECISION_WAIT);
     match tokio::time::timeout(wait, node.read_linearizable(f)).await {
         Ok(Ok(r)) => Ok(r),
-        Ok(Err(NodeError::NotLeader)) => Err(status::read_not_on_leader(
-            node.raft().metrics().borrow().current_leader,
-        )),
-        Ok(Err(e)) => Err(e.into()),
+        Ok(Err(e)) => Err(status::read_unavailable(e)),
         Err(_) => Err(Status::unavailable(
-            "no linearizable read within the caller's deadline (no leader or no quorum)",
+            "no linearizable read within the caller's deadline (no leader, no quorum, or the \
+             leader out of reach)",
         )),
     }
 }
@@ -210,9 +210,12 @@ impl usage_server::Usage for Usage {
 
     type ExportUsageStream = ReceiverStream<Result<wire::UsageRecord, Status>>;
 
-    /// The first page is read before the stream starts, so a cursor past retention or a node
-    /// that cannot serve linearizable reads is the call's status; the stream ends at the last
-    /// record that read saw (records written later belong to the next export).
+    /// The end (the last seq written) is a linearizable read, and the first page is read before
+    /// the stream starts, so a cursor past retention or a node that cannot serve linearizable
+    /// reads is the call's status; the stream ends at that end (records written later belong
+    /// to the next export). Pages come from this node's on-disk usage archive: records never
+    /// change once written, and the archive holds every record up to the end once the read
+    /// returned (it is written as entries are applied).
     async fn export_usage(
         &self,
         request: Request<wire::ExportUsageRequest>,
@@ -223,14 +226,8 @@ impl usage_server::Usage for Usage {
             0 => u64::MAX,
             n => n,
         };
-        let (end, first) = read(&self.node, deadline, |e| {
-            (
-                e.last_usage_seq(),
-                e.export_usage(r.after_seq, page_len(wanted)),
-            )
-        })
-        .await?;
-        let first = first?;
+        let end = read(&self.node, deadline, Engine::last_usage_seq).await?;
+        let first = records(&self.node, r.after_seq, page_len(wanted)).await?;
         let (tx, rx) = mpsc::channel(EXPORT_BUFFER_PAGES * EXPORT_PAGE);
         tokio::spawn(export(
             self.node.clone(),
@@ -278,6 +275,15 @@ fn page_len(left: u64) -> usize {
     usize::try_from(left).map_or(EXPORT_PAGE, |n| n.min(EXPORT_PAGE))
 }
 
+/// One page of the node's usage archive (file reads: off the async threads).
+async fn records(node: &Node, after_seq: u64, len: usize) -> Result<Vec<UsageRecord>, Status> {
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || node.usage_records(after_seq, len))
+        .await
+        .map_err(|e| Status::internal(format!("usage archive read stopped: {e}")))?
+        .map_err(Status::from)
+}
+
 /// Sends `page`, then reads and sends further pages, until the export is complete, the
 /// reader went away or a read failed (sent as the stream's last item).
 async fn export(
@@ -314,13 +320,8 @@ async fn export(
         if at.cursor >= at.end || at.left == 0 {
             return;
         }
-        let (cursor, len) = (at.cursor, page_len(at.left));
-        page = match read(&node, None, |e| e.export_usage(cursor, len)).await {
-            Ok(Ok(page)) => page,
-            Ok(Err(e)) => {
-                let _ = tx.send(Err(e.into())).await;
-                return;
-            }
+        page = match records(&node, at.cursor, page_len(at.left)).await {
+            Ok(page) => page,
             Err(status) => {
                 let _ = tx.send(Err(status)).await;
                 return;

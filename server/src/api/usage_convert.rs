@@ -112,6 +112,7 @@ impl TryFrom<wire::ReserveRequest> for Reserve {
             },
             estimate: r.estimate.map(Tokens::from).unwrap_or_default(),
             ttl_ms: r.ttl_ms,
+            charge_on_expiry: r.charge_on_expiry,
         })
     }
 }
@@ -277,6 +278,7 @@ impl From<Settled> for wire::Settled {
             Settled::NoReservation => wire::Settled::NoReservation,
             Settled::Reservation => wire::Settled::Reservation,
             Settled::Lapsed => wire::Settled::Lapsed,
+            Settled::Expired => wire::Settled::Expired,
         }
     }
 }

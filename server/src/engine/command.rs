@@ -44,6 +44,9 @@ pub enum Command {
     SetPrices(usage::PriceCatalog),
     /// Replace the quota set.
     ReplaceQuotas(usage::QuotaSet),
+    /// Ask whether the hard quotas leave room for one more request (reads only).
+    /// Last, so that the log encoding of the variants before it is unchanged.
+    CheckQuotas(usage::CheckQuotas),
 }
 
 /// A rate-limit request, in domain terms.
@@ -152,6 +155,8 @@ pub enum Outcome {
         kept: u64,
     },
     Rejected(CommandError),
+    /// The answer to CheckQuotas.
+    QuotaCheck(usage::QuotaCheck),
 }
 
 /// Why the engine refused a command. Nothing of a rejected command was applied.
@@ -206,6 +211,7 @@ impl Command {
             Command::Release { request_id } => 8 + request_id.len(),
             Command::SetPrices(p) => postcard::to_allocvec(p).map_or(usize::MAX, |v| v.len()),
             Command::ReplaceQuotas(q) => postcard::to_allocvec(q).map_or(usize::MAX, |v| v.len()),
+            Command::CheckQuotas(c) => 8 + attribution_bytes(&c.who),
         }
     }
 }

@@ -37,6 +37,7 @@ pub use command::{
     Mode, Outcome, RateLimitCommand,
 };
 pub use limits::{LimitSet, LimitSpec};
+pub use meter::MAX_EVENTS;
 pub use snapshot::SnapshotError;
 
 use counters::{Counters, SWEEP_PER_BATCH, SWEEP_PER_COMMAND};
@@ -56,7 +57,8 @@ pub struct EngineSettings {
     pub request_id_retention_ms: u64,
     /// Most quota counters held at once.
     pub max_quota_counters: u64,
-    /// Most usage records kept for `ExportUsage` and minute queries (oldest dropped first).
+    /// Most usage records kept in the engine for minute queries (oldest dropped first, when a
+    /// batch part begins); `ExportUsage` reads the node's on-disk archive.
     pub max_usage_records: u64,
     /// Most 15-minute aggregate rows kept for `QueryUsage` (oldest period dropped first).
     pub max_usage_buckets: u64,
@@ -72,8 +74,9 @@ pub const DEFAULT_MAX_REQUEST_IDS: u64 = 1_000_000;
 pub const DEFAULT_REQUEST_ID_RETENTION_MS: u64 = 86_400_000;
 /// Default bound on quota counters.
 pub const DEFAULT_MAX_QUOTA_COUNTERS: u64 = 1_000_000;
-/// Default number of usage records kept.
-pub const DEFAULT_MAX_USAGE_RECORDS: u64 = 1_000_000;
+/// Default number of usage records kept in the engine (about 30 MB of memory and snapshot);
+/// the full history is in each node's on-disk usage archive.
+pub const DEFAULT_MAX_USAGE_RECORDS: u64 = 200_000;
 /// Default number of 15-minute aggregate rows kept.
 pub const DEFAULT_MAX_USAGE_BUCKETS: u64 = 1_000_000;
 /// Default retention of 15-minute aggregates: 400 days (a year and a billing month).
@@ -230,7 +233,8 @@ impl Engine {
             | Command::Commit(_)
             | Command::Release { .. }
             | Command::SetPrices(_)
-            | Command::ReplaceQuotas(_) => self.apply_usage(command, now_ms),
+            | Command::ReplaceQuotas(_)
+            | Command::CheckQuotas(_) => self.apply_usage(command, now_ms),
             Command::ReplaceLimits(set) => {
                 self.registry
                     .replace(set)

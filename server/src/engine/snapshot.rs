@@ -1,6 +1,6 @@
 //! The engine's whole replicated state to bytes and back.
 //!
-//! Format: the 8-byte magic `TALLYSN2`, then a postcard-encoded [`Body`].
+//! Format: the 8-byte magic `TALLYSN3`, then a postcard-encoded [`Body`].
 //!
 //! The counter table is written exactly as it is: in table order, idle counters included,
 //! with the reclamation cursor. The table's size decides whether a request that needs a new
@@ -15,7 +15,7 @@ use super::registry::Registry;
 use super::window::{CounterState, Window};
 use super::{Engine, EngineSettings, calendar};
 
-const MAGIC: &[u8; 8] = b"TALLYSN2";
+const MAGIC: &[u8; 8] = b"TALLYSN3";
 
 #[derive(Serialize, Deserialize)]
 struct Body {

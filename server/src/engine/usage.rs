@@ -193,6 +193,27 @@ pub struct Reserve {
     pub who: Attribution,
     pub estimate: Tokens,
     pub ttl_ms: u64,
+    /// When the TTL passes unsettled, record the estimate as the request's usage (settled
+    /// [`Settled::Expired`]) instead of releasing it: for callers that may never learn the
+    /// actual usage (Envoy sends nothing at stream end for a client that disconnected).
+    pub charge_on_expiry: bool,
+}
+
+/// Asks whether `who` may start one more request under the hard quotas: read-only (no counter
+/// is created, nothing is held or recorded). Proposed through the log anyway, so that it is
+/// ordered after every report acknowledged before it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckQuotas {
+    pub who: Attribution,
+}
+
+/// The answer to [`CheckQuotas`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaCheck {
+    /// The first hard quota (in set order) with no room for one more unit of its metric.
+    pub denied: Option<QuotaStanding>,
+    /// Every hard quota `who` falls under, in set order (for response headers).
+    pub standings: Vec<QuotaStanding>,
 }
 
 /// Settles a reservation with the request's actual usage (records it, frees the rest).
@@ -225,6 +246,12 @@ impl Reserve {
             ));
         }
         Ok(())
+    }
+}
+
+impl CheckQuotas {
+    pub fn validate(&self) -> Result<(), CommandError> {
+        self.who.validate()
     }
 }
 
@@ -415,6 +442,9 @@ pub enum Settled {
     Reservation,
     /// The reservation had expired (or was released) before the commit came.
     Lapsed,
+    /// The reservation (`charge_on_expiry`) passed its TTL unsettled: its estimate was recorded
+    /// as the usage. A commit or report under its id later gets this record as its answer.
+    Expired,
 }
 
 /// The answer to a usage command. A retried command gets its first answer again, with

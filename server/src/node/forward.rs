@@ -1,5 +1,7 @@
 //! Forwarding: a follower sends the commands it was given to the leader, over one persistent
-//! channel per leader address, and the leader proposes them as its own.
+//! channel per leader address, and the leader proposes them as its own. The same channel
+//! carries a follower's linearizable reads: the leader answers its read index, which the
+//! follower applies up to before it reads its own state ([`Node::read_linearizable`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,31 +10,58 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tally_proto::tally::v1::forward_client::ForwardClient;
 use tally_proto::tally::v1::forward_server::{self, ForwardServer};
-use tally_proto::tally::v1::{ForwardRequest, ForwardResponse};
+use tally_proto::tally::v1::{
+    ForwardRequest, ForwardResponse, ReadIndexRequest, ReadIndexResponse, ReadUsageRequest,
+    ReadUsageResponse,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use super::{Node, NodeError};
+use crate::engine::usage::UsageRecord;
 use crate::engine::{Command, Outcome};
 
-/// How long a forwarded batch may take, end to end, before the follower gives up.
+/// How long a forwarded batch or a read index may take, end to end, before the follower gives
+/// up; also the bound on a whole linearizable read.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long establishing a connection to the leader may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest forwarded batch, encoded.
 pub const MAX_FORWARD_BYTES: usize = 64 * 1024 * 1024;
 
-/// How a follower's commands reach the leader: gRPC in production ([`Forwarder`]), an
-/// in-memory route in the simulator.
+/// A boxed future of a transport call.
+pub type TransportFuture<'a, T> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, NodeError>> + Send + 'a>>;
+
+/// How a follower's commands and read-index requests reach the leader: gRPC in production
+/// ([`Forwarder`]), an in-memory route in the simulator.
 pub trait ForwardTransport: Send + Sync + 'static {
     /// Proposes `commands` on the leader at `addr`; one outcome per command, in order.
     fn propose<'a>(
         &'a self,
         addr: &'a str,
         commands: Vec<Command>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<Outcome>, NodeError>> + Send + 'a>,
-    >;
+    ) -> TransportFuture<'a, Vec<Outcome>>;
+
+    /// The read index of the leader at `addr` ([`Node::read_index_here`] there): once this
+    /// node has applied up to it, its state reflects every write acknowledged before the call.
+    fn read_index<'a>(&'a self, addr: &'a str) -> TransportFuture<'a, u64>;
+
+    /// Up to `max` usage records after `after_seq` from the archive of the node at `addr`.
+    /// Transports without it (the simulator's) answer UNAVAILABLE: holes then stay holes.
+    fn read_usage<'a>(
+        &'a self,
+        addr: &'a str,
+        after_seq: u64,
+        max: u64,
+    ) -> TransportFuture<'a, Vec<UsageRecord>> {
+        let _ = (addr, after_seq, max);
+        Box::pin(async {
+            Err(NodeError::Unavailable(
+                "no usage reads on this transport".into(),
+            ))
+        })
+    }
 }
 
 impl ForwardTransport for Forwarder {
@@ -40,10 +69,21 @@ impl ForwardTransport for Forwarder {
         &'a self,
         addr: &'a str,
         commands: Vec<Command>,
-    ) -> std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Vec<Outcome>, NodeError>> + Send + 'a>,
-    > {
+    ) -> TransportFuture<'a, Vec<Outcome>> {
         Box::pin(Forwarder::propose(self, addr, commands))
+    }
+
+    fn read_index<'a>(&'a self, addr: &'a str) -> TransportFuture<'a, u64> {
+        Box::pin(Forwarder::read_index(self, addr))
+    }
+
+    fn read_usage<'a>(
+        &'a self,
+        addr: &'a str,
+        after_seq: u64,
+        max: u64,
+    ) -> TransportFuture<'a, Vec<UsageRecord>> {
+        Box::pin(Forwarder::read_usage(self, addr, after_seq, max))
     }
 }
 
@@ -102,11 +142,62 @@ impl Forwarder {
         postcard::from_bytes(&response.into_inner().outcomes)
             .map_err(|e| NodeError::Unavailable(format!("leader {addr} answered garbage: {e}")))
     }
+
+    /// Asks the leader at `addr` for its read index, over the same channel (so within
+    /// [`FORWARD_TIMEOUT`]).
+    pub async fn read_index(&self, addr: &str) -> Result<u64, NodeError> {
+        let mut client = ForwardClient::new(self.channel(addr)?);
+        let response = client
+            .read_index(ReadIndexRequest {
+                from_node: self.from_node,
+            })
+            .await
+            .map_err(|s| {
+                NodeError::Unavailable(format!("read index from leader {addr}: {}", s.message()))
+            })?;
+        Ok(response.into_inner().read_index)
+    }
 }
 
-/// Server side: the leader proposes forwarded commands, refusing to forward them again.
+impl Forwarder {
+    /// Reads usage records from the archive of the node at `addr`.
+    pub async fn read_usage(
+        &self,
+        addr: &str,
+        after_seq: u64,
+        max: u64,
+    ) -> Result<Vec<UsageRecord>, NodeError> {
+        let mut client =
+            ForwardClient::new(self.channel(addr)?).max_decoding_message_size(MAX_FORWARD_BYTES);
+        let response = client
+            .read_usage(ReadUsageRequest {
+                from_node: self.from_node,
+                after_seq,
+                max,
+            })
+            .await
+            .map_err(|s| NodeError::Unavailable(format!("usage from {addr}: {}", s.message())))?;
+        postcard::from_bytes(&response.into_inner().records)
+            .map_err(|e| NodeError::Unavailable(format!("{addr} answered garbage: {e}")))
+    }
+}
+
+/// Server side: the leader proposes forwarded commands, refusing to forward them again, and
+/// answers read indexes.
 pub struct ForwardService {
     node: Node,
+}
+
+impl ForwardService {
+    /// A removed node takes no part any more: neither its commands nor its reads are served.
+    async fn refuse_retired(&self, from: u64) -> Result<(), Status> {
+        if self.node.read(|e| e.is_retired(from)).await? {
+            return Err(Status::permission_denied(format!(
+                "node {from} was removed from this cluster"
+            )));
+        }
+        Ok(())
+    }
 }
 
 pub fn forward_service(node: Node) -> ForwardServer<ForwardService> {
@@ -122,12 +213,7 @@ impl forward_server::Forward for ForwardService {
         request: Request<ForwardRequest>,
     ) -> Result<Response<ForwardResponse>, Status> {
         let request = request.into_inner();
-        let from = request.from_node;
-        if self.node.read(|e| e.is_retired(from)).await? {
-            return Err(Status::permission_denied(format!(
-                "node {from} was removed from this cluster"
-            )));
-        }
+        self.refuse_retired(request.from_node).await?;
         let commands: Vec<Command> = postcard::from_bytes(&request.commands)
             .map_err(|e| Status::invalid_argument(format!("commands do not decode: {e}")))?;
         // Spawned so they join the leader's batches together, awaited in order.
@@ -145,5 +231,38 @@ impl forward_server::Forward for ForwardService {
         }
         let bytes = postcard::to_allocvec(&outcomes).expect("outcomes always serialize");
         Ok(Response::new(ForwardResponse { outcomes: bytes }))
+    }
+
+    /// Confirms this node's leadership with a majority and answers its read index; a node
+    /// that does not lead answers UNAVAILABLE (never passed on: one hop).
+    async fn read_index(
+        &self,
+        request: Request<ReadIndexRequest>,
+    ) -> Result<Response<ReadIndexResponse>, Status> {
+        self.refuse_retired(request.into_inner().from_node).await?;
+        let read_index = self.node.read_index_here().await.map_err(|e| match e {
+            NodeError::NotLeader => Status::unavailable(format!(
+                "node {} is not the leader (a read index is never passed on)",
+                self.node.id()
+            )),
+            e => Status::from(e),
+        })?;
+        Ok(Response::new(ReadIndexResponse { read_index }))
+    }
+
+    /// Records from this node's archive (any node answers; records never change).
+    async fn read_usage(
+        &self,
+        request: Request<ReadUsageRequest>,
+    ) -> Result<Response<ReadUsageResponse>, Status> {
+        let r = request.into_inner();
+        self.refuse_retired(r.from_node).await?;
+        let node = self.node.clone();
+        let max = usize::try_from(r.max).unwrap_or(usize::MAX);
+        let records = tokio::task::spawn_blocking(move || node.usage_records(r.after_seq, max))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let bytes = postcard::to_allocvec(&records).expect("records always serialize");
+        Ok(Response::new(ReadUsageResponse { records: bytes }))
     }
 }

@@ -14,11 +14,15 @@
 //! - [`raft_types`]: what a log entry carries (a stamped batch) and returns (its outcomes).
 //! - [`log_store`]: the durable Raft log (raft-log: fdatasync'd, group commit).
 //! - [`state_machine`]: the engine as openraft's state machine; durable snapshots.
+//! - [`usage_archive`]: every usage record applied, on disk (the export's history).
+//! - `backfill`: fills holes in the archive (after a snapshot install) from other members.
 //! - [`network`]: Raft RPCs over gRPC, one persistent channel per peer.
-//! - [`forward`]: followers' commands to the leader, and the leader's service for them.
+//! - [`forward`]: followers' commands and read-index requests to the leader, and the leader's
+//!   service for them.
 //! - [`membership`]: adding, promoting and removing members (on the leader).
 //! - [`retired_peers`]: no Raft message to a removed node's id.
 
+mod backfill;
 pub mod clock;
 pub mod election;
 pub mod forward;
@@ -29,6 +33,7 @@ mod proposer;
 pub mod raft_types;
 pub mod retired_peers;
 pub mod state_machine;
+pub mod usage_archive;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -111,6 +116,8 @@ pub struct NodeConfig {
     /// With an empty data directory, initialize a one-node cluster of this node.
     pub bootstrap: bool,
     pub engine: EngineSettings,
+    /// Bounds of the on-disk usage archive (`data_dir/usage`); node-local.
+    pub archive: usage_archive::ArchiveConfig,
     pub batch: BatchConfig,
     pub timings: RaftTimings,
     pub clock: Arc<dyn Clock>,
@@ -138,6 +145,8 @@ pub enum NodeStartError {
     LogStore(#[from] log_store::LogStoreError),
     #[error("state machine: {0}")]
     Storage(#[from] raft_types::StorageError),
+    #[error("{0}")]
+    Archive(#[from] usage_archive::ArchiveError),
     #[error("raft config: {0}")]
     Config(#[from] openraft::ConfigError),
     #[error("raft: {0}")]
@@ -167,6 +176,10 @@ pub struct Node {
     tx: mpsc::Sender<proposer::Proposal>,
     raft: Raft,
     applied: Arc<parking_lot::Mutex<state_machine::Applied>>,
+    /// Every usage record this replica applied, on disk.
+    archive: Arc<usage_archive::UsageArchive>,
+    /// How a follower asks the leader for a read index (the proposer forwards through it too).
+    forward: Arc<dyn forward::ForwardTransport>,
     /// Set by [`Node::shutdown`], so a Raft stopped on purpose is not taken for a failure.
     stopping: Arc<AtomicBool>,
 }
@@ -179,7 +192,10 @@ impl Node {
         let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
         let network = network::Network::new(config.node_id);
         let forward = Arc::new(forward::Forwarder::new(config.node_id));
-        Node::start_with(config, log, network, forward).await
+        let node = Node::start_with(config, log, network, forward).await?;
+        // Over gRPC only: the simulator's transport cannot read peers' archives.
+        tokio::spawn(backfill::run(node.clone()));
+        Ok(node)
     }
 
     /// Starts a node on the given log store, Raft network and forwarding transport (the
@@ -204,7 +220,15 @@ impl Node {
             "max_inflight_batches out of range"
         );
         claim_data_dir(&config)?;
-        let sm = state_machine::StateMachine::open(&config.data_dir.join("state"), config.engine)?;
+        let archive = Arc::new(usage_archive::UsageArchive::open(
+            &config.data_dir.join("usage"),
+            config.archive,
+        )?);
+        let sm = state_machine::StateMachine::open(
+            &config.data_dir.join("state"),
+            config.engine,
+            archive.clone(),
+        )?;
         let applied = sm.applied().clone();
         if applied.lock().engine.is_retired(config.node_id) {
             return Err(NodeStartError::Retired(config.node_id));
@@ -248,7 +272,7 @@ impl Node {
             raft: raft.clone(),
             clock: config.clock.clone(),
             config: config.batch,
-            forwarder: forward,
+            forwarder: forward.clone(),
         };
         tokio::spawn(proposer.run(rx));
         Ok(Node {
@@ -257,8 +281,22 @@ impl Node {
             tx,
             raft,
             applied,
+            archive,
+            forward,
             stopping,
         })
+    }
+
+    /// Up to `max` usage records with seq > `after_seq` from this replica's archive, in order.
+    /// Not a linearizable read by itself: records never change once written, so a caller that
+    /// learned the last seq linearizably (`read_linearizable(|e| e.last_usage_seq())`) and
+    /// reads up to it reads exactly what the leader holds.
+    pub fn usage_records(
+        &self,
+        after_seq: u64,
+        max: usize,
+    ) -> Result<Vec<crate::engine::usage::UsageRecord>, usage_archive::ArchiveError> {
+        self.archive.read(after_seq, max)
     }
 
     /// Orders `command` into the log (through the leader), and returns its outcome once it is
@@ -292,14 +330,91 @@ impl Node {
         Ok(f(&self.applied.lock().engine))
     }
 
-    /// Reads state that reflects every command acknowledged before the call (read index):
-    /// served by the leader after confirming its leadership with a majority.
+    /// Reads state that reflects every command acknowledged before the call started, on any
+    /// node (read index, Raft §6.4): the read index is the leader's — its own when this node
+    /// leads, else asked of the leader over `tally.v1.Forward` — and `f` runs once this
+    /// replica has applied up to it. The whole read takes at most [`forward::FORWARD_TIMEOUT`]:
+    /// no leader, no quorum, an unreachable leader or a replica too far behind answer an error.
     pub async fn read_linearizable<R>(&self, f: impl FnOnce(&Engine) -> R) -> Result<R, NodeError> {
-        self.raft.ensure_linearizable().await.map_err(|e| match e {
-            openraft::error::RaftError::APIError(_) => NodeError::NotLeader,
-            openraft::error::RaftError::Fatal(_) => NodeError::Stopped,
-        })?;
+        let deadline = tokio::time::Instant::now() + forward::FORWARD_TIMEOUT;
+        let index = tokio::time::timeout_at(deadline, self.read_index())
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable(
+                    "the leader did not confirm its leadership in time (no quorum?)".to_owned(),
+                )
+            })??;
+        self.wait_applied(index, deadline).await?;
         Ok(f(&self.applied.lock().engine))
+    }
+
+    /// The read index for a read starting now, from whoever leads.
+    async fn read_index(&self) -> Result<u64, NodeError> {
+        // Twice at most: a leader deposed while confirming asks the new leader, if known.
+        for _ in 0..2 {
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                None => return Err(NodeError::NoLeader),
+                Some(l) if l == self.id => match self.read_index_here().await {
+                    Err(NodeError::NotLeader) => continue,
+                    done => return done,
+                },
+                Some(l) => {
+                    let addr = self.peer_addr(l).ok_or(NodeError::NoLeader)?;
+                    return self.forward.read_index(&addr).await;
+                }
+            }
+        }
+        Err(NodeError::NoLeader)
+    }
+
+    /// This node's read index, if it leads: it confirms its leadership with a majority (so no
+    /// newer leader can have acknowledged a write it lacks) and answers the greater of its
+    /// commit index and its term's first entry (entries of earlier terms it holds may be
+    /// committed without its knowing until that one is). Does not wait for its own apply:
+    /// whoever reads waits for its own. [`NodeError::NotLeader`] when it does not lead.
+    pub async fn read_index_here(&self) -> Result<u64, NodeError> {
+        use openraft::error::{CheckIsLeaderError, RaftError};
+        match self.raft.get_read_log_id().await {
+            // A leader always holds its term's first entry; `None` cannot come from one.
+            Ok((read_log_id, _)) => Ok(read_log_id.map_or(0, |id| id.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => {
+                Err(NodeError::NotLeader)
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => Err(
+                NodeError::Unavailable(format!("leadership not confirmed by a majority: {e}")),
+            ),
+            Err(RaftError::Fatal(_)) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// Waits, until `deadline`, for this replica to have applied the entry at `index`.
+    async fn wait_applied(
+        &self,
+        index: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), NodeError> {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match self
+            .raft
+            .wait(Some(left))
+            .applied_index_at_least(Some(index), "read index")
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(openraft::metrics::WaitError::ShuttingDown) => Err(NodeError::Stopped),
+            Err(openraft::metrics::WaitError::Timeout(..)) => Err(NodeError::Unavailable(format!(
+                "this node had not applied up to the read index {index} in time (behind the leader)"
+            ))),
+        }
+    }
+
+    /// The Raft address of member `id`, from the membership in force.
+    fn peer_addr(&self, id: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let node = metrics.membership_config.membership().get_node(&id)?;
+        Some(node.addr.clone())
     }
 
     /// Whether this replica's applied state has retired node `id` (removed from the cluster).

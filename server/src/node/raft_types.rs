@@ -58,11 +58,21 @@ impl Batch {
 
     /// Applies every part to `engine`; one outcome per command.
     pub fn apply(&self, engine: &mut Engine) -> Vec<Outcome> {
-        let mut parts = self.parts();
-        let (stamp_ms, first) = parts.next().expect("a batch has a first part");
-        let mut outcomes = engine.apply(stamp_ms, first);
-        for (stamp_ms, commands) in parts {
+        self.apply_with(engine, |_| {})
+    }
+
+    /// [`Batch::apply`], calling `after_part` with the engine after each part (the state
+    /// machine copies the part's usage records to disk there: the engine's tail is trimmed
+    /// only when the next part begins).
+    pub fn apply_with(
+        &self,
+        engine: &mut Engine,
+        mut after_part: impl FnMut(&Engine),
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(self.commands.len());
+        for (stamp_ms, commands) in self.parts() {
             outcomes.extend(engine.apply(stamp_ms, commands));
+            after_part(engine);
         }
         outcomes
     }

@@ -8,6 +8,10 @@
 //! the old or the new snapshot, never a torn one. openraft purges logs only behind a snapshot
 //! it built (and so persisted). On start the engine is restored from the snapshot and openraft
 //! re-applies the committed log after it.
+//!
+//! Usage records also go to the node's on-disk [`UsageArchive`]: copied from the engine's tail
+//! after every batch part, `fdatasync`ed before a snapshot that covers them is persisted, and
+//! reconciled with the engine after a restore (see the archive's docs).
 
 // openraft's StorageError is what the storage traits return; boxing it here would only move
 // the conversion elsewhere.
@@ -25,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use super::raft_types::{
     BatchOutcome, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use super::usage_archive::{ArchiveError, UsageArchive};
 use crate::engine::{Engine, EngineSettings};
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
@@ -58,6 +63,8 @@ pub struct StateMachine {
     dir: PathBuf,
     /// Distinguishes snapshots built at the same log id.
     built: Arc<std::sync::atomic::AtomicU64>,
+    /// Every usage record applied, on disk.
+    archive: Arc<UsageArchive>,
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -69,8 +76,13 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl StateMachine {
-    /// Opens the state machine in `dir`, restoring the last snapshot if there is one.
-    pub fn open(dir: &Path, settings: EngineSettings) -> Result<StateMachine, StorageError> {
+    /// Opens the state machine in `dir`, restoring the last snapshot if there is one, and
+    /// brings `archive` up to the restored engine.
+    pub fn open(
+        dir: &Path,
+        settings: EngineSettings,
+        archive: Arc<UsageArchive>,
+    ) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(dir).map_err(write_err)?;
         let path = dir.join(SNAPSHOT_FILE);
         let (applied, current) = match std::fs::read(&path) {
@@ -99,11 +111,13 @@ impl StateMachine {
             ),
             Err(e) => return Err(read_err(e)),
         };
+        archive_from(&archive, &applied.engine).map_err(write_err)?;
         Ok(StateMachine {
             applied: Arc::new(Mutex::new(applied)),
             current: Arc::new(Mutex::new(current)),
             dir: dir.to_owned(),
             built: Arc::default(),
+            archive,
         })
     }
 
@@ -124,6 +138,15 @@ impl StateMachine {
             .and_then(|d| d.sync_all())
             .map_err(write_err)
     }
+}
+
+/// Copies the engine's usage records the archive lacks into it.
+fn archive_from(archive: &UsageArchive, engine: &Engine) -> Result<(), ArchiveError> {
+    archive.catch_up(
+        engine.last_usage_seq(),
+        |after| engine.export_usage(after, usize::MAX),
+        engine.first_usage_seq(),
+    )
 }
 
 fn encode(file: &SnapshotFile) -> Vec<u8> {
@@ -162,6 +185,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             }
         };
         let bytes = encode(&file);
+        // Every record the snapshot covers is on disk before the log behind it can go.
+        self.archive.sync().map_err(write_err)?;
         self.persist(&bytes)?;
         let meta = SnapshotMeta {
             last_log_id: file.last_applied,
@@ -200,9 +225,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.last_applied = Some(entry.log_id);
             let outcome = match entry.payload {
                 EntryPayload::Blank => BatchOutcome::default(),
-                EntryPayload::Normal(batch) => BatchOutcome {
-                    outcomes: batch.apply(&mut a.engine),
-                },
+                EntryPayload::Normal(batch) => {
+                    let archive = &self.archive;
+                    let mut archived = Ok(());
+                    let outcomes = batch.apply_with(&mut a.engine, |engine| {
+                        if archived.is_ok() {
+                            archived = archive_from(archive, engine);
+                        }
+                    });
+                    archived.map_err(write_err)?;
+                    BatchOutcome { outcomes }
+                }
                 EntryPayload::Membership(m) => {
                     a.membership = StoredMembership::new(Some(entry.log_id), m);
                     BatchOutcome::default()
@@ -232,6 +265,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.persist(&bytes)?;
         {
             let mut a = self.applied.lock();
+            archive_from(&self.archive, &engine).map_err(write_err)?;
             a.engine = engine;
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();

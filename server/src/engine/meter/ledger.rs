@@ -1,7 +1,8 @@
 //! The usage ledger: one record per recorded request, and 15-minute aggregates.
 //!
 //! Records are numbered 1, 2, 3, ... in commit order (the export cursor) and are written at
-//! batch time, so their times never decrease. The newest `max_usage_records` are kept;
+//! batch time, so their times never decrease. The newest `max_usage_records` are kept (trimmed
+//! when a batch part begins, so a part's own records are all still here when it ends);
 //! older ones are dropped first, and the seq and time of the last dropped one are kept so a
 //! read that would need them is refused rather than answered short.
 //!
@@ -70,7 +71,7 @@ pub(crate) struct Entry<'a> {
 
 impl Ledger {
     /// Writes one record and adds it to its aggregate; returns its seq.
-    pub fn append(&mut self, e: Entry<'_>, max_records: u64, max_rows: u64) -> u64 {
+    pub fn append(&mut self, e: Entry<'_>, max_rows: u64) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         assert!(
@@ -95,15 +96,26 @@ impl Ledger {
             cost_nusd: e.cost_nusd,
             price_version: e.price_version,
         });
+        while self.bucket_rows > max_rows {
+            self.drop_oldest_period();
+        }
+        seq
+    }
+
+    /// Drops the oldest records beyond `max_records`. Called when a batch part begins, not per
+    /// record, so every record a part wrote is still here when the part ends: the node's
+    /// on-disk archive copies them from here after each part.
+    pub fn trim(&mut self, max_records: u64) {
         while self.records.len() as u64 > max_records {
             let r = self.records.pop_front().expect("non-empty");
             self.dropped_seq = r.seq;
             self.dropped_ms = r.at_ms;
         }
-        while self.bucket_rows > max_rows {
-            self.drop_oldest_period();
-        }
-        seq
+    }
+
+    /// Seq of the oldest record held (`next_seq` when none is).
+    pub fn first_seq(&self) -> u64 {
+        self.records.front().map_or(self.next_seq, |r| r.seq)
     }
 
     /// Drops aggregate periods that ended `retention_ms` or more before `now_ms`.

@@ -6,7 +6,9 @@
 //! - this module: the request-id table (exactly-once), reservations and their expiry,
 //!   prices, events, and the engine's metering commands and reads.
 //! - `quotas`: quotas in force, their counters, holds and alerts.
-//! - `ledger`: usage records (the export) and 15-minute aggregates (the queries).
+//! - `check`: the read-only request-time check of hard quotas (`CheckQuotas`).
+//! - `ledger`: usage records (the engine's tail: minute queries; the node archives them) and
+//!   15-minute aggregates (the queries).
 //! - `image`: all of it to a serializable image and back (part of the engine snapshot).
 //!
 //! Architecture invariant: exactly once. A request id, once seen, is answered with its first
@@ -17,6 +19,7 @@
 //! Architecture invariant: reservations expire deterministically: at the first batch whose
 //! time is at or past their expiry, before that batch's commands.
 
+mod check;
 mod image;
 mod ledger;
 mod quotas;
@@ -120,6 +123,8 @@ pub(crate) enum EntryState {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Reservation {
     estimate: Tokens,
+    /// Record the estimate at expiry rather than release it.
+    charge_on_expiry: bool,
     estimate_cost_nusd: u64,
     expires_ms: i64,
     /// Tie-breaker of the expiry order (reservations expiring in the same ms).
@@ -183,22 +188,7 @@ impl Meter {
                 break;
             }
             let id = entry.remove();
-            let e = self
-                .requests
-                .map
-                .get_mut(&id)
-                .expect("expiry of a known id");
-            let EntryState::Open(r) = std::mem::replace(
-                &mut e.state,
-                EntryState::Closed(UsageResult::Released { found: true }),
-            ) else {
-                panic!("expiry entry for a reservation that is not open");
-            };
-            for (key, n) in &r.holds {
-                self.quotas.unhold(key, *n);
-            }
-            self.events
-                .push(now_ms, EventKind::ReservationExpired { request_id: id });
+            self.expire_reservation(id, now_ms, settings);
         }
         let retention_ms = i64::try_from(settings.request_id_retention_ms).unwrap_or(i64::MAX);
         while let Some(id) = self.requests.order.front() {
@@ -213,6 +203,40 @@ impl Meter {
         }
         self.ledger
             .expire(now_ms, settings.usage_bucket_retention_ms);
+        self.ledger.trim(settings.max_usage_records);
+    }
+
+    /// A reservation passed its TTL: its holds go, and it is released — or, with
+    /// `charge_on_expiry`, its estimate is recorded as the usage (released after all if that
+    /// is refused: the quota counter table is full).
+    fn expire_reservation(&mut self, id: String, now_ms: i64, settings: &EngineSettings) {
+        let e = self
+            .requests
+            .map
+            .get_mut(&id)
+            .expect("expiry of a known id");
+        let EntryState::Open(r) = std::mem::replace(
+            &mut e.state,
+            EntryState::Closed(UsageResult::Released { found: true }),
+        ) else {
+            panic!("expiry entry for a reservation that is not open");
+        };
+        let who = e.who.clone();
+        for (key, n) in &r.holds {
+            self.quotas.unhold(key, *n);
+        }
+        if r.charge_on_expiry {
+            let settle = Settle {
+                settled: Settled::Expired,
+                estimate: Some((r.estimate, r.estimate_cost_nusd)),
+            };
+            if let Ok(result) = self.record(&id, &who, &r.estimate, settle, now_ms, settings) {
+                let e = self.requests.map.get_mut(&id).expect("entry exists");
+                e.state = EntryState::Closed(result);
+            }
+        }
+        self.events
+            .push(now_ms, EventKind::ReservationExpired { request_id: id });
     }
 
     /// Records usage: charges it, debits every quota it falls under, writes the ledger.
@@ -259,11 +283,7 @@ impl Meter {
             cost_nusd,
             price_version,
         };
-        let seq = self.ledger.append(
-            entry,
-            settings.max_usage_records,
-            settings.max_usage_buckets,
-        );
+        let seq = self.ledger.append(entry, settings.max_usage_buckets);
         Ok(UsageResult::Recorded {
             seq,
             at_ms: now_ms,
@@ -379,6 +399,7 @@ impl Meter {
         self.requests.next_expiry_seq += 1;
         let reservation = Reservation {
             estimate: r.estimate,
+            charge_on_expiry: r.charge_on_expiry,
             estimate_cost_nusd: cost,
             expires_ms,
             expiry_seq,
@@ -529,6 +550,7 @@ impl Engine {
             Command::Reserve(r) => m.reserve(r, now_ms, &settings),
             Command::Commit(c) => m.commit(c, now_ms, &settings),
             Command::Release { request_id } => m.release(request_id),
+            Command::CheckQuotas(c) => m.check_quotas(c, now_ms),
             Command::SetPrices(catalog) => {
                 catalog.validate()?;
                 let version = m.prices.version + 1;
@@ -593,6 +615,12 @@ impl Engine {
         let list = &self.meter.events.list;
         let skip = list.partition_point(|e| e.seq <= after_seq);
         list.range(skip..).take(max).cloned().collect()
+    }
+
+    /// Seq of the oldest usage record this engine still holds (`last_usage_seq() + 1` when it
+    /// holds none).
+    pub fn first_usage_seq(&self) -> u64 {
+        self.meter.ledger.first_seq()
     }
 
     /// Seq of the last usage record written (0 before any).
