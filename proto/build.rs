@@ -4,12 +4,15 @@ use std::path::PathBuf;
 
 const PROTOS: &[&str] = &[
     "proto/envoy/service/ratelimit/v3/rls.proto",
+    "proto/envoy/service/auth/v3/external_auth.proto",
     "proto/kuadrant/service/ratelimit/v1/ratelimit.proto",
     "proto/tally/v1/tally.proto",
     "proto/tally/v1/usage.proto",
     "proto/tally/v1/forward.proto",
     "proto/tally/v1/cluster.proto",
     "proto/tally/v1/raft.proto",
+    "proto/tally/v1/models.proto",
+    "proto/tally/v1/keys.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

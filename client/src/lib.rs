@@ -19,6 +19,9 @@
 //!   [`parse_time_ms`] / [`format_time_ms`] (RFC 3339 or Unix ms), [`parse_tag`],
 //!   [`parse_granularity`], [`parse_price_catalog`]; renderers [`render_receipt`],
 //!   [`render_usage_rows`], [`render_overview`], [`render_prices`] and their JSON forms.
+//! - Admin API tokens: [`TallyClient::with_token`] sends `authorization: Bearer <token>` with
+//!   every call; [`token_sha256`] and [`new_token`] make the entries of a `tallyd
+//!   --auth-tokens` file.
 //! - [`ClientError`]: everything that can go wrong, with messages fit to show a user.
 //! - [`proto`]: the generated protobuf types (a re-export of `tally-proto`).
 //!
@@ -45,6 +48,9 @@ use std::time::Duration;
 use tonic::transport::{Channel, Endpoint};
 
 pub use tally_proto as proto;
+
+mod keys;
+pub use keys::{key_json, render_keys, render_subscriptions, subscription_json};
 
 use tally_proto::envoy::config::core::v3::HeaderValue;
 use tally_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
@@ -161,6 +167,36 @@ fn error_chain(err: &(dyn StdError + 'static)) -> String {
 pub struct TallyClient {
     channel: Channel,
     timeout: Duration,
+    token: Option<BearerToken>,
+}
+
+/// TLS for [`TallyClient::connect_tls`]: the CA that signed the server's certificate, and for
+/// mutual TLS a client certificate and key (all PEM). `Debug` never shows the key.
+#[derive(Clone)]
+pub struct ClientTls {
+    /// CA certificate(s) the server's certificate must be signed by.
+    pub ca_pem: Vec<u8>,
+    /// Client certificate chain and private key, for servers that require one.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientTls")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The `authorization: Bearer <token>` value sent with every call. Its `Debug` hides it.
+#[derive(Clone)]
+struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BearerToken(<redacted>)")
+    }
 }
 
 impl TallyClient {
@@ -169,8 +205,20 @@ impl TallyClient {
     /// [`DEFAULT_TIMEOUT`].
     ///
     /// The connection is established eagerly, so an unreachable server is reported here.
-    /// `https://` is refused: this build has no TLS.
+    /// `https://` needs [`connect_tls`](Self::connect_tls) (a CA to verify the server).
     pub async fn connect(addr: &str) -> Result<Self, ClientError> {
+        Self::connect_with(addr, None).await
+    }
+
+    /// [`connect`](Self::connect) over TLS (`tallyd --tls-cert`): the server's certificate is
+    /// verified against `tls.ca_pem` and must name the address's host; `tls.identity` is the
+    /// client certificate for mutual TLS (`tallyd --tls-client-ca`). `addr` may be
+    /// `host:port` or `https://host:port`.
+    pub async fn connect_tls(addr: &str, tls: &ClientTls) -> Result<Self, ClientError> {
+        Self::connect_with(addr, Some(tls)).await
+    }
+
+    async fn connect_with(addr: &str, tls: Option<&ClientTls>) -> Result<Self, ClientError> {
         let connect_error = |reason: String| ClientError::Connect {
             addr: addr.to_string(),
             reason,
@@ -179,19 +227,44 @@ impl TallyClient {
         if trimmed.is_empty() {
             return Err(connect_error("the address is empty".to_string()));
         }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let uri = if trimmed.contains("://") {
             trimmed.to_string()
         } else {
-            format!("http://{trimmed}")
+            format!("{scheme}://{trimmed}")
         };
-        if !uri.starts_with("http://") {
-            return Err(connect_error(
-                "only plain `http://` addresses are supported (this build has no TLS)".to_string(),
-            ));
+        match (uri.split_once("://").map(|(s, _)| s), tls) {
+            (Some("http"), None) | (Some("https"), Some(_)) => {}
+            (Some("https"), None) => {
+                return Err(connect_error(
+                    "an `https://` address needs TLS: the server's CA (tally --ca FILE)"
+                        .to_string(),
+                ));
+            }
+            (Some("http"), Some(_)) => {
+                return Err(connect_error(
+                    "TLS was asked for (--ca): use an `https://` address or host:port".to_string(),
+                ));
+            }
+            _ => {
+                return Err(connect_error(
+                    "only `http://` and `https://` addresses are supported".to_string(),
+                ));
+            }
         }
-        let endpoint = Endpoint::from_shared(uri)
+        let mut endpoint = Endpoint::from_shared(uri)
             .map_err(|e| connect_error(format!("invalid address: {}", error_chain(&e))))?
             .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(tls) = tls {
+            let mut config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(config)
+                .map_err(|e| connect_error(format!("TLS: {}", error_chain(&e))))?;
+        }
         let channel = match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => return Err(connect_error(error_chain(&e))),
@@ -210,7 +283,33 @@ impl TallyClient {
         Self {
             channel,
             timeout: DEFAULT_TIMEOUT,
+            token: None,
         }
+    }
+
+    /// Returns the client sending `token` as `authorization: Bearer <token>` with every call
+    /// (what the admin API's tokens need: `tallyd --auth-tokens`). Surrounding whitespace is
+    /// ignored; a token must be printable ASCII without spaces. The error never shows it.
+    pub fn with_token(mut self, token: &str) -> Result<Self, ClientError> {
+        let token = token.trim();
+        let invalid = |reason: &str| ClientError::InvalidInput {
+            what: "token".to_string(),
+            reason: reason.to_string(),
+        };
+        if token.is_empty() {
+            return Err(invalid("it is empty"));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid("it must be printable ASCII without spaces"));
+        }
+        let mut value: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| invalid("it is not a valid metadata value"))?;
+        // Never indexed by HPACK, shown as "Sensitive" by header Debug output.
+        value.set_sensitive(true);
+        self.token = Some(BearerToken(value));
+        Ok(self)
     }
 
     /// Returns the client with a different per-call timeout.
@@ -356,10 +455,16 @@ impl TallyClient {
             .await
     }
 
-    /// Wraps a message in a request carrying the per-call deadline (`grpc-timeout`).
+    /// Wraps a message in a request carrying the per-call deadline (`grpc-timeout`) and the
+    /// bearer token, if the client has one.
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.set_timeout(self.timeout);
+        if let Some(BearerToken(value)) = &self.token {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
         request
     }
 
@@ -1312,6 +1417,40 @@ impl TallyClient {
             timeout: self.timeout,
         })
     }
+}
+
+/// The SHA-256 of a token, lower-case hex: the `token_sha256` of a `tallyd --auth-tokens`
+/// file. Surrounding whitespace (a trailing newline) is not part of the token.
+///
+/// ```
+/// assert_eq!(
+///     tally_client::token_sha256("abc\n"),
+///     "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+/// );
+/// ```
+pub fn token_sha256(token: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(token.trim().as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+/// A fresh admin API token: `tally_` and 64 hex digits (256 random bits from the operating
+/// system's generator).
+pub fn new_token() -> Result<String, ClientError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| ClientError::InvalidInput {
+        what: "random source".to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut token = String::from("tally_");
+    for b in bytes {
+        let _ = write!(token, "{b:02x}");
+    }
+    Ok(token)
 }
 
 /// The name of a `Metric` value without its prefix, lower case (`total_tokens`, ...).

@@ -16,6 +16,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+
+mod keys_cmd;
 use tally_client::proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use tally_client::proto::envoy::service::ratelimit::v3::RateLimitResponse;
 use tally_client::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
@@ -77,6 +79,53 @@ struct Cli {
     )]
     timeout: Duration,
 
+    /// Admin API token, sent as `authorization: Bearer TOKEN` with every call (needed when
+    /// tallyd has --auth-tokens or TALLY_ADMIN_TOKEN). Prefer the environment variable: a
+    /// flag is visible to other users in the process list.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TALLY_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<String>,
+
+    /// TLS: the CA certificate (PEM) the server's certificate is signed by (tallyd
+    /// --tls-cert); connects over https
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TALLY_CA",
+        value_name = "FILE"
+    )]
+    ca: Option<PathBuf>,
+
+    /// Mutual TLS: this client's certificate (PEM), for a server with --tls-client-ca
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TALLY_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key",
+        requires = "ca"
+    )]
+    client_cert: Option<PathBuf>,
+
+    /// Mutual TLS: the private key (PEM) of --client-cert
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Connection",
+        env = "TALLY_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    client_key: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +164,40 @@ enum Command {
     /// The price catalog (tally.v1.Usage/SetPrices, ListPrices)
     #[command(subcommand)]
     Prices(PricesCommand),
+    /// API keys (tally.v1.Keys): create (prints the secret once), list, show, disable,
+    /// enable, delete, rotate, ephemeral
+    #[command(subcommand)]
+    Keys(keys_cmd::KeysCommand),
+    /// Subscriptions (tiers) keys are bound to: list, show
+    #[command(subcommand)]
+    Subscriptions(keys_cmd::SubscriptionsCommand),
+    /// Admin API tokens for `tallyd --auth-tokens` (local: nothing is sent to a server)
+    #[command(subcommand, after_help = AUTH_HELP)]
+    Auth(AuthCommand),
+}
+
+const AUTH_HELP: &str = "\
+A tokens file (tallyd --auth-tokens FILE) lists each token's SHA-256, never the token:
+  - { name: ops, role: admin, token_sha256: <64 hex digits> }
+  - { name: billing-job, role: billing, token_sha256: <64 hex digits> }
+  - { name: dashboard, role: read-only, token_sha256: <64 hex digits> }
+Clients send the token itself: TALLY_TOKEN=<token> tally status (or --token).
+
+Examples:
+  tally auth new-token
+  printf %s \"$TOKEN\" | tally auth hash-token";
+
+#[derive(Debug, Subcommand)]
+enum AuthCommand {
+    /// Read a token from standard input and print its SHA-256 (lower-case hex), the
+    /// `token_sha256` of a tokens file. Surrounding whitespace is not part of the token.
+    HashToken,
+    /// Print a fresh random token (256 bits) and its SHA-256
+    NewToken {
+        /// Print {"token": ..., "token_sha256": ...} instead of two lines
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 const USAGE_QUERY_HELP: &str = "\
@@ -383,9 +466,33 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<u8, ClientError> {
-    let client = TallyClient::connect(&cli.addr)
-        .await?
-        .with_timeout(cli.timeout);
+    if let Command::Auth(command) = cli.command {
+        return run_auth(command);
+    }
+    let mut client = match &cli.ca {
+        None => TallyClient::connect(&cli.addr).await?,
+        Some(ca) => {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).map_err(|e| ClientError::InvalidInput {
+                    what: format!("TLS file {}", path.display()),
+                    reason: e.to_string(),
+                })
+            };
+            let identity = match (&cli.client_cert, &cli.client_key) {
+                (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+                _ => None,
+            };
+            let tls = tally_client::ClientTls {
+                ca_pem: read(ca)?,
+                identity,
+            };
+            TallyClient::connect_tls(&cli.addr, &tls).await?
+        }
+    }
+    .with_timeout(cli.timeout);
+    if let Some(token) = &cli.token {
+        client = client.with_token(token)?;
+    }
     match cli.command {
         Command::Check(args) => {
             let response = client
@@ -465,7 +572,47 @@ async fn run(cli: Cli) -> Result<u8, ClientError> {
         }
         Command::Usage(command) => run_usage(&client, command).await,
         Command::Prices(command) => run_prices(&client, command).await,
+        Command::Keys(command) => keys_cmd::run_keys(&client, command).await,
+        Command::Subscriptions(command) => keys_cmd::run_subscriptions(&client, command).await,
+        Command::Auth(_) => unreachable!("handled before connecting"),
     }
+}
+
+/// `tally auth`: local token helpers.
+fn run_auth(command: AuthCommand) -> Result<u8, ClientError> {
+    match command {
+        AuthCommand::HashToken => {
+            let mut token = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin().lock(), &mut token).map_err(
+                |e| ClientError::InvalidInput {
+                    what: "standard input".to_string(),
+                    reason: e.to_string(),
+                },
+            )?;
+            let token = token.trim();
+            if token.is_empty() {
+                return Err(ClientError::InvalidInput {
+                    what: "token".to_string(),
+                    reason: "standard input holds no token".to_string(),
+                });
+            }
+            println!("{}", tally_client::token_sha256(token));
+        }
+        AuthCommand::NewToken { json } => {
+            let token = tally_client::new_token()?;
+            let hash = tally_client::token_sha256(&token);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "token": token, "token_sha256": hash })
+                );
+            } else {
+                println!("token: {token}");
+                println!("token_sha256: {hash}");
+            }
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 async fn run_usage(client: &TallyClient, command: UsageCommand) -> Result<u8, ClientError> {
@@ -796,6 +943,19 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Prices(PricesCommand::Set { .. })
+        ));
+    }
+
+    #[test]
+    fn token_and_auth_subcommands_parse() {
+        let cli = Cli::try_parse_from(["tally", "status", "--token", "t0k3n"]).unwrap();
+        assert_eq!(cli.token.as_deref(), Some("t0k3n"));
+        let cli = Cli::try_parse_from(["tally", "auth", "hash-token"]).unwrap();
+        assert!(matches!(cli.command, Command::Auth(AuthCommand::HashToken)));
+        let cli = Cli::try_parse_from(["tally", "auth", "new-token", "--json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Auth(AuthCommand::NewToken { json: true })
         ));
     }
 

@@ -2,7 +2,9 @@
 //! in-process server on 127.0.0.1 port 0: a billing operator's path (set prices, report, query,
 //! export and resume).
 
-use std::process::Command;
+mod common;
+
+use common::{ok, tally};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tally_server::server::{self, LimitsSource, ServerConfig};
@@ -20,38 +22,6 @@ domains:
 "#;
 
 const QUARTER_HOUR_MS: i64 = 900_000;
-
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs `tally --addr ADDR ARGS...`, at most 30 s.
-async fn tally(addr: &str, args: &[&str]) -> Run {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_tally"));
-    command.arg("--addr").arg(addr).arg("--timeout").arg("5s");
-    command.args(args);
-    let run = tokio::task::spawn_blocking(move || command.output().expect("tally runs"));
-    let out = tokio::time::timeout(Duration::from_secs(30), run)
-        .await
-        .expect("tally finishes within 30 s")
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
-fn ok(run: &Run) -> &str {
-    assert_eq!(
-        run.code, 0,
-        "stdout: {}\nstderr: {}",
-        run.stdout, run.stderr
-    );
-    &run.stdout
-}
 
 fn json_lines(text: &str) -> Vec<serde_json::Value> {
     text.lines()

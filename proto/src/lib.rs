@@ -1,7 +1,9 @@
 //! Generated protobuf and gRPC code for Tally. Nothing here is written by hand but this file.
 //!
 //! Layout (mirrors the proto packages):
-//! - [`envoy`]: the Envoy RLS v3 subset (`envoy.service.ratelimit.v3`) and the messages it uses.
+//! - [`envoy`]: the Envoy RLS v3 subset (`envoy.service.ratelimit.v3`), the ext_authz v3 subset
+//!   (`envoy.service.auth.v3`) and the messages they use.
+//! - [`google`]: `google.rpc.Status` (ext_authz's CheckResponse status).
 //! - [`kuadrant`]: Limitador's `kuadrant.service.ratelimit.v1` (CheckRateLimit, Report).
 //! - [`tally`]: Tally's own `tally.v1` API (every `tally/v1/*.proto` shares the package, so
 //!   `Admin`, `Usage`, `Cluster`, ... all live in [`tally::v1`]).
@@ -37,6 +39,17 @@ pub mod envoy {
                 tonic::include_proto!("envoy.service.ratelimit.v3");
             }
         }
+        pub mod auth {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.auth.v3");
+            }
+        }
+    }
+}
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
     }
 }
 

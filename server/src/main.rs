@@ -8,13 +8,14 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
 use tally_server::api::ResponseOptions;
+use tally_server::api::auth::AuthConfig;
 use tally_server::config::Format;
 use tally_server::engine::{self, CommandError, EngineSettings};
 use tally_server::node::usage_archive::ArchiveConfig;
 use tally_server::node::{
     BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
 };
-use tally_server::server::{self, LimitsSource, ServerConfig};
+use tally_server::server::{self, LimitsSource, ServerConfig, TlsConfig};
 
 /// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
 ///
@@ -162,6 +163,55 @@ struct Args {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     max_connections: u64,
 
+    /// Paths Envoy's ext_authz Check passes without an API key, comma-separated (exact
+    /// match of the path, query string ignored); empty: none.
+    #[arg(
+        long,
+        env = "TALLY_AUTHZ_PUBLIC_PATHS",
+        value_delimiter = ',',
+        default_value = "/healthz,/readyz",
+        value_name = "PATHS"
+    )]
+    authz_public_paths: Vec<String>,
+
+    /// Admin API tokens: a YAML or JSON list of `{ name, role, token_sha256 }` (role admin,
+    /// billing or read-only; only the SHA-256 hex of each token, from `tally auth
+    /// new-token` or `tally auth hash-token`, so the file holds no secret). The environment
+    /// variable TALLY_ADMIN_TOKEN may also hold one plain admin token (at least 16
+    /// characters). With neither, admin, billing and cluster calls are served to loopback
+    /// peers only.
+    #[arg(long, env = "TALLY_AUTH_TOKENS", value_name = "FILE")]
+    auth_tokens: Option<PathBuf>,
+
+    /// TLS certificate chain (PEM) for the gRPC and HTTP listeners; with --tls-key. Without
+    /// them both listeners are plaintext.
+    #[arg(
+        long,
+        env = "TALLY_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of --tls-cert.
+    #[arg(
+        long,
+        env = "TALLY_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) for mutual TLS on the gRPC and HTTP listeners: every client
+    /// must present a certificate signed by one of them. Needs --tls-cert.
+    #[arg(
+        long,
+        env = "TALLY_TLS_CLIENT_CA",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    tls_client_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -169,6 +219,34 @@ struct Args {
     /// Log filter (tracing-subscriber syntax, e.g. `info` or `tally_server=debug`).
     #[arg(long, env = "TALLY_LOG", default_value = "info,openraft=warn")]
     log: String,
+}
+
+/// The admin API's tokens: the `--auth-tokens` file and/or `TALLY_ADMIN_TOKEN` (read from
+/// the environment, never a flag, so it stays out of process listings).
+fn auth_config(
+    file: Option<&std::path::Path>,
+    admin_token: Option<std::ffi::OsString>,
+) -> anyhow::Result<AuthConfig> {
+    let mut auth = match file {
+        Some(path) => AuthConfig::from_file(path).context("--auth-tokens")?,
+        None => AuthConfig::default(),
+    };
+    if let Some(token) = admin_token {
+        let token = token
+            .into_string()
+            .map_err(|_| anyhow!("TALLY_ADMIN_TOKEN: not valid UTF-8"))?;
+        auth = auth.with_admin_token(&token)?;
+    }
+    Ok(auth)
+}
+
+/// `--authz-public-paths`, without empty entries (`""` means none).
+fn public_paths(flag: &[String]) -> Vec<String> {
+    flag.iter()
+        .map(|p| p.trim())
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 /// A duration flag (`24h`, `400d`), in milliseconds.
@@ -272,6 +350,10 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let engine = engine_settings(&args)?;
+    let auth = auth_config(
+        args.auth_tokens.as_deref(),
+        std::env::var_os("TALLY_ADMIN_TOKEN"),
+    )?;
     init_logging(&args)?;
     let limits = match &args.limits {
         Some(path) => LimitsSource::File(path.clone()),
@@ -299,6 +381,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             max_inflight_batches: args.batch_max_inflight as usize,
         },
         max_connections: args.max_connections as usize,
+        authz_public_paths: public_paths(&args.authz_public_paths),
         clock: Arc::new(SystemClock),
         node_id: args.node_id,
         data_dir: args.data_dir.clone(),
@@ -311,6 +394,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             snapshot_every_entries: args.snapshot_every,
             logs_kept_behind_snapshot: RaftTimings::default().logs_kept_behind_snapshot,
         },
+        auth,
+        tls: match (&args.tls_cert, &args.tls_key) {
+            (Some(cert), Some(key)) => Some(
+                TlsConfig::from_files(cert, key, args.tls_client_ca.as_deref())
+                    .context("--tls-cert/--tls-key/--tls-client-ca")?,
+            ),
+            _ => None,
+        },
+        raft_tls: None,
     };
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
@@ -339,6 +431,70 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Args::command().debug_assert();
+    }
+
+    #[test]
+    fn auth_tokens_come_from_the_file_and_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.yaml");
+        let digest = tally_server::api::auth::sha256_hex("finance-token-0123456789");
+        std::fs::write(
+            &path,
+            format!("- {{ name: finance, role: billing, token_sha256: {digest} }}\n"),
+        )
+        .unwrap();
+        let a = args(&["--auth-tokens", path.to_str().unwrap()]).unwrap();
+        assert_eq!(
+            auth_config(a.auth_tokens.as_deref(), None).unwrap().len(),
+            1
+        );
+        let both = auth_config(
+            a.auth_tokens.as_deref(),
+            Some("an-admin-token-0123456789".into()),
+        )
+        .unwrap();
+        assert_eq!(both.len(), 2);
+        assert!(!auth_config(None, None).unwrap().is_configured());
+        let e = auth_config(None, Some("short".into())).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("TALLY_ADMIN_TOKEN: must be at least"),
+            "{e:#}"
+        );
+        let e = auth_config(Some(&dir.path().join("missing.yaml")), None).unwrap_err();
+        assert!(
+            format!("{e:#}").starts_with("--auth-tokens: cannot read"),
+            "{e:#}"
+        );
+    }
+
+    #[test]
+    fn authz_public_paths_default_to_the_health_paths() {
+        let default = public_paths(&args(&[]).unwrap().authz_public_paths);
+        assert_eq!(default, ServerConfig::default().authz_public_paths);
+        let a = args(&["--authz-public-paths", "/healthz, /v1/models"]).unwrap();
+        assert_eq!(
+            public_paths(&a.authz_public_paths),
+            ["/healthz", "/v1/models"]
+        );
+        let none = args(&["--authz-public-paths", ""]).unwrap();
+        assert!(public_paths(&none.authz_public_paths).is_empty());
+    }
+
+    #[test]
+    fn tls_flags_come_in_pairs() {
+        assert!(args(&["--tls-cert", "c.pem"]).is_err());
+        assert!(args(&["--tls-key", "k.pem"]).is_err());
+        assert!(args(&["--tls-client-ca", "ca.pem"]).is_err());
+        let a = args(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+        ])
+        .unwrap();
+        assert!(a.tls_client_ca.is_some());
     }
 
     #[test]

@@ -19,9 +19,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::api::auth::{AuthConfig, AuthLayer};
 use crate::api::http::Readiness;
 use crate::api::{self, ResponseOptions};
 use crate::config::{self, Config, Format, Metering};
+use crate::engine::access::Subscription;
 use crate::engine::usage::{PriceCatalog, QuotaSet};
 use crate::engine::{Command, EngineSettings, LimitSet, Outcome};
 use crate::node::raft_types::NodeId;
@@ -73,6 +75,17 @@ pub struct ServerConfig {
     /// or to be added by a leader).
     pub bootstrap: bool,
     pub timings: RaftTimings,
+    /// The admin API's bearer tokens (`api::auth`); none: admin, billing and cluster calls
+    /// are served to loopback peers only.
+    pub auth: AuthConfig,
+    /// TLS for the gRPC and HTTP listeners (with a client CA: mutual TLS, a client
+    /// certificate signed by it required); none: plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Mutual TLS for the Raft listener (its client CA is required: a peer without a
+    /// certificate signed by it cannot connect); none: plaintext.
+    pub raft_tls: Option<TlsConfig>,
+    /// Paths ext_authz's Check passes without an API key (exact match, query string ignored).
+    pub authz_public_paths: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -95,6 +108,10 @@ impl Default for ServerConfig {
             raft_advertise: None,
             bootstrap: true,
             timings: RaftTimings::default(),
+            auth: AuthConfig::default(),
+            tls: None,
+            raft_tls: None,
+            authz_public_paths: api::AuthzConfig::default().public_paths,
         }
     }
 }
@@ -112,6 +129,8 @@ pub enum ServerError {
     LimitsRejected(crate::engine::CommandError),
     #[error("quotas refused by the engine: {0}")]
     QuotasRejected(crate::engine::CommandError),
+    #[error("subscriptions refused by the engine: {0}")]
+    SubscriptionsRejected(crate::engine::CommandError),
     #[error("prices refused by the engine: {0}")]
     PricesRejected(crate::engine::CommandError),
     #[error("node: {0}")]
@@ -126,6 +145,160 @@ pub enum ServerError {
         "raft stopped: {0}; exiting so that the service manager restarts this node from its data directory"
     )]
     RaftStopped(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// A TLS file or setting that cannot be used (the message names it; never a key's bytes).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsError(pub String);
+
+impl From<TlsError> for ServerError {
+    fn from(e: TlsError) -> ServerError {
+        ServerError::Tls(e.0)
+    }
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// TLS handshakes in progress at once on the HTTP listener; more connections are dropped.
+const MAX_HTTP_HANDSHAKES: usize = 256;
+
+/// A listener's TLS, as PEM: its certificate chain and private key, and for mutual TLS the CA
+/// certificate(s) a client's certificate must be signed by. `Debug` never shows the key.
+#[derive(Clone)]
+pub struct TlsConfig {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Some: clients must present a certificate signed by one of these CAs.
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &format_args!("<redacted>"))
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish()
+    }
+}
+
+impl TlsConfig {
+    /// Reads the PEM files.
+    pub fn from_files(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        client_ca: Option<&std::path::Path>,
+    ) -> Result<TlsConfig, TlsError> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| TlsError(format!("cannot read {}: {e}", path.display())))
+        };
+        Ok(TlsConfig {
+            cert_pem: read(cert)?,
+            key_pem: read(key)?,
+            client_ca_pem: client_ca.map(read).transpose()?,
+        })
+    }
+
+    /// tonic's server TLS (gRPC and Raft listeners; rustls with the ring provider).
+    fn grpc(&self) -> tonic::transport::ServerTlsConfig {
+        let mut tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &self.client_ca_pem {
+            tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(ca));
+        }
+        tls
+    }
+
+    /// A rustls acceptor for the HTTP listener (HTTP/1.1), with the same certificates.
+    fn http_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        use rustls_pki_types::pem::PemObject as _;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        use tokio_rustls::rustls;
+        let bad = |what: &str, e: &dyn std::fmt::Display| TlsError(format!("{what}: {e}"));
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad("certificate", &e))?;
+        if certs.is_empty() {
+            return Err(TlsError("certificate: no PEM certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| bad("key", &e))?;
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad("protocol versions", &e))?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    let cert = cert.map_err(|e| bad("client CA", &e))?;
+                    roots.add(cert).map_err(|e| bad("client CA", &e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .map_err(|e| bad("client CA", &e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| bad("certificate and key", &e))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// Checks that the PEM files make a usable server configuration (for tonic and for the
+    /// HTTP listener), so a bad file stops the start with a message naming the flags.
+    fn check(&self, what: &str) -> Result<(), TlsError> {
+        tonic::transport::Server::builder()
+            .tls_config(self.grpc())
+            .map_err(|e| TlsError(format!("{what}: {}", error_chain(&e))))?;
+        self.http_acceptor()
+            .map_err(|e| TlsError(format!("{what}: {}", e.0)))?;
+        Ok(())
+    }
+}
+
+/// An error and its causes, joined with `": "`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = cause.source();
+    }
+    out
+}
+
+/// Checks the TLS settings of a configuration before anything starts.
+fn check_tls(config: &ServerConfig) -> Result<(), TlsError> {
+    if let Some(tls) = &config.tls {
+        tls.check("--tls-cert/--tls-key/--tls-client-ca")?;
+    }
+    if let Some(tls) = &config.raft_tls {
+        if tls.client_ca_pem.is_none() {
+            return Err(TlsError(
+                "Raft TLS is mutual: --raft-tls-ca is required with --raft-tls-cert".into(),
+            ));
+        }
+        tls.check("--raft-tls-cert/--raft-tls-key/--raft-tls-ca")?;
+    }
+    Ok(())
 }
 
 /// The three listeners a node serves.
@@ -155,6 +328,7 @@ async fn run_with(
     started: Option<Arc<std::sync::OnceLock<Node>>>,
 ) -> Result<(), ServerError> {
     let (initial, fingerprint) = load_initial(&config).await?;
+    check_tls(&config)?;
     let raft_addr = listeners.raft.local_addr()?;
     let node = Node::start(NodeConfig {
         node_id: config.node_id,
@@ -197,7 +371,23 @@ async fn run_with(
         raft = %raft_addr,
         "tallyd serving"
     );
-    let raft_task = tokio::spawn(serve_raft(listeners.raft, node.clone(), stop_rx.clone()));
+    if config.auth.is_configured() {
+        tracing::info!(
+            tokens = config.auth.len(),
+            "admin API: bearer tokens required for admin, billing and cluster calls"
+        );
+    } else {
+        tracing::warn!(
+            "admin API: no tokens configured (--auth-tokens, TALLY_ADMIN_TOKEN): admin, billing and cluster calls are served to loopback peers (127.0.0.1, ::1) only"
+        );
+    }
+    let raft_task = tokio::spawn(serve_raft(
+        listeners.raft,
+        node.clone(),
+        config.auth.clone(),
+        config.raft_tls.clone(),
+        stop_rx.clone(),
+    ));
     tokio::spawn(crate::event_log::run(node.clone(), stop_rx.clone()));
     tokio::spawn(put_limits_in_force(
         node.clone(),
@@ -219,17 +409,39 @@ async fn run_with(
     let http_app = api::http::router(node.clone(), readiness);
     let http_stop = stopped(stop_rx.clone());
     let http = listeners.http;
-    let http_task = tokio::spawn(async move {
-        axum::serve(http, http_app)
-            .with_graceful_shutdown(http_stop)
-            .await
-    });
+    let http_task = match &config.tls {
+        None => tokio::spawn(async move {
+            axum::serve(http, http_app)
+                .with_graceful_shutdown(http_stop)
+                .await
+        }),
+        Some(tls) => {
+            let tls = tls_listener(http, tls.http_acceptor()?, stop_rx.clone())?;
+            tokio::spawn(async move {
+                axum::serve(tls, http_app)
+                    .with_graceful_shutdown(http_stop)
+                    .await
+            })
+        }
+    };
     let incoming = limited_incoming(listeners.grpc, config.max_connections, stop_rx.clone());
-    tonic::transport::Server::builder()
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+    let mut grpc = tonic::transport::Server::builder();
+    if let Some(tls) = &config.tls {
+        grpc = grpc.tls_config(tls.grpc())?;
+    }
+    grpc.max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .add_routes(
-            api::grpc_routes_with_stop(node.clone(), config.response, stop_rx.clone()).await,
+            api::grpc_routes_secured(
+                node.clone(),
+                config.response,
+                config.auth.clone(),
+                api::AuthzConfig {
+                    public_paths: config.authz_public_paths.clone(),
+                },
+                stop_rx.clone(),
+            )
+            .await,
         )
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx))
         .await?;
@@ -243,18 +455,28 @@ async fn run_with(
     Ok(())
 }
 
-/// Serves Raft, forwarding and cluster operations to peers.
+/// Serves Raft, forwarding and cluster operations to peers. Cluster operations are behind
+/// the admin API's tokens ([`AuthLayer`]); Raft and forwarding are node-to-node.
 async fn serve_raft(
     listener: TcpListener,
     node: Node,
+    auth: AuthConfig,
+    tls: Option<TlsConfig>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
+    use tower_layer::Layer;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &tls {
+        // Mutual: the client CA is required (checked at start), so a peer without a
+        // certificate signed by it fails the handshake and reaches no service.
+        builder = builder.tls_config(tls.grpc())?;
+    }
+    builder
         .tcp_nodelay(true)
         .add_service(api::raft::raft_service_for(&node))
         .add_service(crate::node::forward::forward_service(node.clone()))
-        .add_service(api::cluster::cluster_service(node))
+        .add_service(AuthLayer::new(auth).layer(api::cluster::cluster_service(node)))
         .serve_with_incoming_shutdown(incoming, stopped(stop))
         .await?;
     Ok(())
@@ -344,6 +566,7 @@ pub async fn spawn_on(
     let raft_addr = listeners.raft.local_addr()?;
     // Load the limits here so a bad file fails the spawn, not the background task.
     load_initial(&config).await?;
+    check_tls(&config)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let readiness = Readiness::default();
     let node = Arc::new(std::sync::OnceLock::new());
@@ -452,6 +675,26 @@ async fn replace_quotas(node: &Node, set: QuotaSet) -> Result<(u64, u64), Server
     }
 }
 
+/// Puts each of the file's subscriptions in force that differs from the one in force.
+async fn put_subscriptions(node: &Node, list: Vec<Subscription>) -> Result<(), ServerError> {
+    for s in list {
+        let same = node
+            .read(|e| e.subscriptions().any(|x| *x == s))
+            .await
+            .map_err(ServerError::NotInForce)?;
+        if same {
+            continue;
+        }
+        match node.propose(Command::PutSubscription(s)).await {
+            Ok(Outcome::SubscriptionsChanged { .. }) => {}
+            Ok(Outcome::Rejected(e)) => return Err(ServerError::SubscriptionsRejected(e)),
+            Ok(other) => panic!("PutSubscription answered with {other:?}"),
+            Err(e) => return Err(ServerError::NotInForce(e)),
+        }
+    }
+    Ok(())
+}
+
 /// What became of a file's prices.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum PricesApplied {
@@ -529,9 +772,15 @@ struct Applied {
 async fn apply_config(node: &Node, config: Config) -> Result<Applied, ServerError> {
     let Config {
         limits,
-        metering: Metering { prices, quotas },
+        metering:
+            Metering {
+                prices,
+                quotas,
+                subscriptions,
+            },
     } = config;
     let (limits, limits_kept) = replace_limits(node, limits).await?;
+    put_subscriptions(node, subscriptions).await?;
     let (quotas, quotas_kept) = replace_quotas(node, quotas).await?;
     let prices = put_prices(node, prices).await?;
     Ok(Applied {
@@ -694,4 +943,71 @@ fn limited_incoming(
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The HTTP listener behind TLS: connections are accepted and their handshakes run in the
+/// background (at most [`MAX_HTTP_HANDSHAKES`] at once, each within
+/// [`TLS_HANDSHAKE_TIMEOUT`]); axum gets only the established ones.
+struct TlsListener {
+    established: mpsc::Receiver<(tokio_rustls::server::TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.established.recv().await {
+            Some(conn) => conn,
+            // The accept task ended (the server is stopping): nothing more comes.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+fn tls_listener(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<TlsListener> {
+    let local = listener.local_addr()?;
+    let (tx, established) = mpsc::channel(16);
+    let handshakes = Arc::new(Semaphore::new(MAX_HTTP_HANDSHAKES));
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!(error = %e, "HTTP accept failed; backing off");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                tracing::debug!(%peer, "too many TLS handshakes in progress; connection dropped");
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _permit = permit;
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "HTTP TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "HTTP TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(TlsListener { established, local })
 }

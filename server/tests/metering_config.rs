@@ -80,11 +80,39 @@ async fn the_embedded_example_has_its_quotas_and_prices_in_force() {
     let node = t.server.node().expect("node started");
     let expected = metering_of(server::EMBEDDED_LIMITS);
     assert!(expected.quotas.quotas.len() >= 5, "{expected:?}");
+    // The configured quotas, then the ones its three tiers' limits become.
+    let in_force = quotas(&node).await;
+    let (configured, derived) = in_force.split_at(expected.quotas.quotas.len());
+    assert_eq!(configured, &expected.quotas.quotas[..]);
+    let tiers: Vec<&str> = expected
+        .subscriptions
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(tiers, vec!["free", "premium", "enterprise"]);
+    let derived: Vec<&str> = derived.iter().map(|q| q.name.as_str()).collect();
     assert_eq!(
-        node.read(|e| e.quotas().count()).await.unwrap(),
-        expected.quotas.quotas.len()
+        derived,
+        vec![
+            "sub:enterprise:requests-per-minute",
+            "sub:enterprise:tokens-per-minute",
+            "sub:enterprise:monthly-cost",
+            "sub:free:requests-per-minute",
+            "sub:free:tokens-per-minute",
+            "sub:free:concurrent",
+            "sub:premium:requests-per-minute",
+            "sub:premium:tokens-per-minute",
+        ]
     );
-    assert_eq!(quotas(&node).await, expected.quotas.quotas);
+    let free = node
+        .read(|e| e.subscriptions().find(|s| s.name == "free").cloned())
+        .await
+        .unwrap()
+        .expect("free is in force");
+    assert_eq!(
+        (free.requests_per_minute, free.tokens_per_minute),
+        (Some(5), Some(100))
+    );
     let (version, catalog) = prices(&node).await;
     assert_eq!(version, 1, "set once, at start");
     let mut want = expected.prices.expect("the example prices models").models;
@@ -255,5 +283,52 @@ async fn a_bad_metering_section_at_start_is_refused_naming_line_and_field() {
         err,
         "bad.yaml: line 18: metering.quotas[0].thresholds[1]: 80 does not come after 95: \
          thresholds are listed in increasing order, each once"
+    );
+}
+
+#[test]
+fn bad_subscriptions_are_refused_naming_the_field() {
+    let cases = [
+        (
+            "metering:\n  subscriptions:\n    - name: t\n      max_classification: secret\n",
+            "max_classification",
+        ),
+        (
+            "metering:\n  subscriptions:\n    - name: t\n      requests_per_minute: 0\n",
+            "requests_per_minute",
+        ),
+        (
+            "metering:\n  subscriptions:\n    - name: t\n    - name: t\n",
+            "listed twice",
+        ),
+        (
+            "metering:\n  subscriptions:\n    - name: t\n      budgets:\n        - name: b\n          match: { model: m }\n          metric: total_tokens\n          limit: 5\n          window: 1d\n",
+            "budgets[0]",
+        ),
+        (
+            "metering:\n  subscriptions:\n    - name: t\n      budgets:\n        - name: b\n          metric: concurrent\n          limit: 5\n",
+            "budgets[0]",
+        ),
+        (
+            "metering:\n  subscriptions:\n    - name: t\n      colour: red\n",
+            "colour",
+        ),
+    ];
+    for (text, needle) in cases {
+        let e = config::parse_config(text, None, "test")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(needle), "{needle}: {e}");
+    }
+    let ok = config::parse_config(
+        "metering:\n  subscriptions:\n    - name: t\n      models: [m]\n      max_classification: internal\n      budgets:\n        - name: b\n          metric: cost_usd\n          limit: \"1.50\"\n          window: 1d\n",
+        None,
+        "test",
+    )
+    .unwrap();
+    let s = &ok.metering.subscriptions[0];
+    assert_eq!(
+        (s.max_classification, s.budgets[0].limit),
+        (Some(1), 1_500_000_000)
     );
 }

@@ -2,6 +2,7 @@
 //! of every replica's state, the log as created, and the end state. The invariant checkers
 //! are pure functions of this [`Evidence`] (so each can be tested on a hand-made history).
 
+use tally_server::engine::usage::UsageRecord;
 use tally_server::engine::{Command, Outcome};
 use tally_server::node::raft_types::NodeId;
 
@@ -90,6 +91,30 @@ pub struct FinalState {
     pub running: bool,
     pub applied: Option<u64>,
     pub snapshot: Vec<u8>,
+    /// Its usage archive, read from the start (`Node::usage_records`, page by page).
+    pub archive: ArchiveRead,
+}
+
+/// What a node's usage archive answered when read from seq 0 to its end, a page at a time.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ArchiveRead {
+    /// Every record it returned, in the order returned.
+    pub records: Vec<UsageRecord>,
+    /// The ranges it refused as not held here (`ArchiveError::NotHeld { from, to }`), in
+    /// order; the read went on after each.
+    pub not_held: Vec<(u64, u64)>,
+    /// Any other refusal, which ended the read.
+    pub error: Option<String>,
+}
+
+impl ArchiveRead {
+    /// A faithful archive of `records` (for hand-made histories).
+    pub fn of(records: Vec<UsageRecord>) -> ArchiveRead {
+        ArchiveRead {
+            records,
+            ..ArchiveRead::default()
+        }
+    }
 }
 
 /// Bounds the invariants hold the run to.

@@ -7,7 +7,9 @@
 //! per node with skew, drift and jumps ([`clock`]). Faults and workload come from one seed; the
 //! oracle ([`history`], [`replay`]) and the [`invariants`] judge the run; any seed replays
 //! exactly ([`run::run_seed`]). Members are replaced now and then ([`membership`]), and a node
-//! whose Raft stops on its own exits and is restarted, as its service manager would.
+//! whose Raft stops on its own exits and is restarted, as its service manager would. Beside
+//! the rate-limit requests, metering clients ([`workload::MeterClient`]) report usage and
+//! reserve, commit and release under hard token budgets, retrying ids as real clients do.
 
 pub mod audit;
 pub mod clock;

@@ -48,6 +48,10 @@ struct Args {
     /// No membership changes (members are replaced now and then by default).
     #[arg(long)]
     no_membership: bool,
+    /// No metering traffic (quotas, usage reports, reservations): replays a seed exactly as
+    /// before metering was simulated.
+    #[arg(long)]
+    no_metering: bool,
 }
 
 fn parse_seeds(s: &str) -> Result<Vec<u64>, String> {
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         nodes: args.nodes,
         sabotage,
         membership_changes: !args.no_membership,
+        metering: !args.no_metering,
         ..SimOptions::default()
     };
     if let Some(seed) = args.seed {

@@ -22,6 +22,7 @@ use openraft::{BasicNode, ServerState};
 use parking_lot::Mutex;
 use tally_server::engine::{Code, Command, EngineSettings, Outcome};
 use tally_server::node::raft_types::NodeId;
+use tally_server::node::usage_archive::ArchiveConfig;
 use tally_server::node::{BatchConfig, Node, NodeConfig, NodeStartError, RaftTimings};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -35,7 +36,10 @@ use crate::membership::{Note, Step};
 use crate::network::{Episode, LinkModel, Router, SimForward, SimNetwork, addr_of};
 use crate::rng::SimRng;
 use crate::trace::Trace;
-use crate::workload::{WorkloadPlan, describe, with_rid};
+use crate::workload::{
+    MeterClient, MeterPlan, Ticket, WorkloadPlan, describe, describe_receipt, describe_usage,
+    with_rid,
+};
 
 /// Liveness bound: after healing, every live node agrees on a leader within this...
 pub const LEADER_WITHIN_MS: u64 = 5_000;
@@ -91,6 +95,9 @@ pub struct SimOptions {
     /// Replace members now and then (add a node, promote it, remove another). Off replays a
     /// seed with the fault mix of the runs before membership changes were simulated.
     pub membership_changes: bool,
+    /// Metering traffic (quotas, usage reports, reservations) beside the rate-limit requests.
+    /// Off replays a seed exactly as before metering was simulated.
+    pub metering: bool,
 }
 
 impl Default for SimOptions {
@@ -102,6 +109,7 @@ impl Default for SimOptions {
             data_root: None,
             sabotage: None,
             membership_changes: true,
+            metering: true,
         }
     }
 }
@@ -132,6 +140,9 @@ pub struct Stats {
     pub retired_leaders_deposed: u64,
     pub committed_entries: u64,
     pub sim_ms: u64,
+    /// Metering calls made (retries included) and what the usage invariants checked.
+    pub usage_calls: usize,
+    pub usage: invariants::UsageCoverage,
 }
 
 impl std::fmt::Display for Stats {
@@ -141,7 +152,7 @@ impl std::fmt::Display for Stats {
             "{} nodes, {:.1}s simulated, {} calls ({} acked, {} unknown), {} committed entries, {} leaders, \
              {} faults ({} crashes, {} clock jumps), {} raft stops, {} membership changes, {} limit changes, {} snapshot installs, \
              {} messages ({} lost, {} duplicated), {} fsyncs ({} unsynced ops lost), {} fast answers lost, \
-             {} retired-leader entries answered with a higher vote",
+             {} retired-leader entries answered with a higher vote; {} metering calls, {}",
             self.nodes,
             self.sim_ms as f64 / 1000.0,
             self.calls,
@@ -163,6 +174,8 @@ impl std::fmt::Display for Stats {
             self.lost_disk_ops,
             self.lost_fast_answers,
             self.retired_leaders_deposed,
+            self.usage_calls,
+            self.usage,
         )
     }
 }
@@ -253,6 +266,7 @@ impl SlotRecipe {
             advertise_addr: addr_of(id),
             bootstrap: false,
             engine: EngineSettings::default(),
+            archive: ArchiveConfig::default(),
             batch: self.batch,
             timings: RaftTimings {
                 heartbeat_ms: HEARTBEAT_MS,
@@ -340,6 +354,11 @@ struct Sim {
     stats: Stats,
     /// Mean simulated time between faults, ms.
     fault_gap_ms: (u64, u64),
+    /// The metering clients (none with `metering` off) and their own stream.
+    meter: Option<MeterClient>,
+    meter_rng: SimRng,
+    /// Metering calls in flight: their answers go back to the client that sent them.
+    meter_inflight: Vec<(tokio::sync::oneshot::Receiver<CallResult>, Ticket, NodeId)>,
 }
 
 impl Sim {
@@ -352,6 +371,8 @@ impl Sim {
         let work_rng = root.fork();
         // Forked last, so the streams above are what they were before membership changes.
         let member_rng = root.fork();
+        // ...and after it, metering's: the streams above are what they were before it.
+        let meter_rng = root.fork();
         let trace = Trace::new(opts.echo);
         let n = opts
             .nodes
@@ -426,6 +447,11 @@ impl Sim {
             plan.deadline_ms.0,
             plan.deadline_ms.1
         ));
+        let meter = opts.metering.then(|| {
+            let plan = MeterPlan::draw(&meter_rng);
+            trace.log(plan.describe());
+            MeterClient::new(plan, meter_rng.clone())
+        });
         let recipe = SlotRecipe {
             dir: dir.to_path_buf(),
             base_ms,
@@ -478,6 +504,9 @@ impl Sim {
                 ..Stats::default()
             },
             fault_gap_ms,
+            meter,
+            meter_rng,
+            meter_inflight: Vec::new(),
         }
     }
 
@@ -504,6 +533,9 @@ impl Sim {
         if !self.install_initial_limits().await {
             return self.finish().await;
         }
+        if self.meter.is_some() && !self.install_quotas().await {
+            return self.finish().await;
+        }
 
         // Workload under faults.
         let chaos_end = self.now_ms() + self.opts.seconds * 1000;
@@ -527,6 +559,7 @@ impl Sim {
             }
             self.due_events().await;
             self.spawn_workload();
+            self.meter_tick();
             self.observe().await;
             if now >= next_sample_at {
                 self.sample().await;
@@ -545,6 +578,7 @@ impl Sim {
         let burst_end = self.now_ms() + 1_500;
         while self.now_ms() < burst_end {
             self.spawn_workload();
+            self.meter_tick();
             self.observe().await;
             if self.now_ms() >= next_sample_at {
                 self.sample().await;
@@ -596,6 +630,7 @@ impl Sim {
                 running,
                 applied,
                 snapshot,
+                archive: read_archive(&node),
             });
         }
         self.trace.log(format!(
@@ -639,8 +674,9 @@ impl Sim {
             stopped: self.stopped.clone(),
         };
         let mut violations = std::mem::take(&mut self.violations);
-        violations.extend(invariants::check_all(&evidence));
-        let replay = crate::replay::Replay::build(&evidence);
+        let checked = invariants::check_all_with_coverage(&evidence);
+        violations.extend(checked.violations);
+        let (usage, replay) = (checked.usage, checked.replay);
         let net = self.router.stats();
         let mut stats = self.stats.clone();
         stats.calls = evidence.calls.len();
@@ -661,6 +697,18 @@ impl Sim {
         stats.lost_fast_answers = invariants::fast_bound::lost_fast_answers(&evidence, &replay);
         stats.committed_entries = replay.last_index.unwrap_or(0);
         stats.sim_ms = self.now_ms();
+        stats.usage_calls = evidence
+            .calls
+            .iter()
+            .filter(|c| describe_usage(&c.command).is_some())
+            .count();
+        stats.usage = usage;
+        if let Some(m) = &self.meter {
+            self.trace.log(format!(
+                "metering sent {} reports, {} reserves, {} commits, {} releases ({} of them retries); checked: {}",
+                m.sent[0], m.sent[1], m.sent[2], m.sent[3], m.retries, stats.usage
+            ));
+        }
         for v in &violations {
             self.trace.log(format!("VIOLATION {v}"));
         }
@@ -954,16 +1002,25 @@ impl Sim {
         command: Command,
         to: NodeId,
     ) -> tokio::sync::oneshot::Receiver<CallResult> {
+        let rng = self.work_rng.clone();
+        self.spawn_call_drawing(command, to, &rng)
+    }
+
+    /// [`Sim::spawn_call`], its deadline drawn from `rng`.
+    fn spawn_call_drawing(
+        &mut self,
+        command: Command,
+        to: NodeId,
+        rng: &SimRng,
+    ) -> tokio::sync::oneshot::Receiver<CallResult> {
         let id = self.next_call;
         self.next_call += 1;
         let command = match command {
             Command::RateLimit(cmd) => Command::RateLimit(with_rid(cmd, id)),
             other => other,
         };
-        let deadline = Duration::from_millis(
-            self.work_rng
-                .between(self.plan.deadline_ms.0, self.plan.deadline_ms.1),
-        );
+        let deadline =
+            Duration::from_millis(rng.between(self.plan.deadline_ms.0, self.plan.deadline_ms.1));
         let node = self.router.incarnation(to);
         let router = self.router.clone();
         let trace = self.trace.clone();
@@ -1042,6 +1099,58 @@ impl Sim {
             let to = self.random_node(&self.work_rng.clone());
             drop(self.spawn_call(Command::RateLimit(cmd), to));
         }
+    }
+
+    /// Metering: answers that came back go to their clients, then this tick's sends.
+    fn meter_tick(&mut self) {
+        let Some(mut meter) = self.meter.take() else {
+            return;
+        };
+        let now = self.now_ms();
+        let mut open = Vec::with_capacity(self.meter_inflight.len());
+        for (mut rx, ticket, node) in std::mem::take(&mut self.meter_inflight) {
+            match rx.try_recv() {
+                Ok(result) => meter.result(ticket, node, &result, now),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                    open.push((rx, ticket, node))
+                }
+                Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                    meter.result(ticket, node, &CallResult::Unknown("no answer".into()), now)
+                }
+            }
+        }
+        self.meter_inflight = open;
+        for send in meter.tick(now, TICK.as_millis() as u64, true) {
+            let rng = self.meter_rng.clone();
+            let members = self.member_ids();
+            let others: Vec<NodeId> = members
+                .iter()
+                .copied()
+                .filter(|m| Some(*m) != send.avoid)
+                .collect();
+            let to = *rng.pick(if others.is_empty() { &members } else { &others });
+            let rx = self.spawn_call_drawing(send.command, to, &rng);
+            self.meter_inflight.push((rx, send.ticket, to));
+        }
+        self.meter = Some(meter);
+    }
+
+    /// The metering plan's quota set, proposed until it is acknowledged.
+    async fn install_quotas(&mut self) -> bool {
+        let set = self.meter.as_ref().expect("metering").plan.quotas();
+        let rng = self.meter_rng.clone();
+        let give_up = self.now_ms() + 30_000;
+        while self.now_ms() < give_up {
+            self.observe().await;
+            let to = self.random_node(&rng);
+            let rx = self.spawn_call_drawing(Command::ReplaceQuotas(set.clone()), to, &rng);
+            if let Ok(CallResult::Acked(Outcome::QuotasReplaced { .. })) = rx.await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.fail("liveness", "quotas not installed within 30s".into());
+        false
     }
 
     fn change_limits(&mut self) {
@@ -1495,7 +1604,41 @@ fn describe_command(c: &Command) -> String {
     match c {
         Command::RateLimit(rl) => describe(rl),
         Command::ReplaceLimits(set) => format!("ReplaceLimits({} limits)", set.limits.len()),
-        other => format!("{other:?}"),
+        other => describe_usage(other).unwrap_or_else(|| format!("{other:?}")),
+    }
+}
+
+/// A node's usage archive from seq 0 to its end, page by page; a range it does not hold is
+/// noted and skipped.
+fn read_archive(node: &Node) -> ArchiveRead {
+    use tally_server::node::usage_archive::{ArchiveError, MAX_READ_RECORDS};
+    let mut read = ArchiveRead::default();
+    let mut after = 0;
+    loop {
+        match node.usage_records(after, MAX_READ_RECORDS) {
+            Ok(page) => match page.last() {
+                None => return read,
+                Some(last) => {
+                    if last.seq <= after {
+                        read.error = Some(format!(
+                            "a read after seq {after} returned seq {} last",
+                            last.seq
+                        ));
+                        return read;
+                    }
+                    after = last.seq;
+                    read.records.extend(page);
+                }
+            },
+            Err(ArchiveError::NotHeld { from, to }) if to >= from && to > after => {
+                read.not_held.push((from, to));
+                after = to;
+            }
+            Err(e) => {
+                read.error = Some(e.to_string());
+                return read;
+            }
+        }
     }
 }
 
@@ -1525,6 +1668,11 @@ fn describe_result(r: &CallResult) -> String {
         }) => {
             format!("limits generation {generation} ({limits} limits, {kept} kept)")
         }
+        CallResult::Acked(Outcome::Usage(r)) => describe_receipt(r),
+        CallResult::Acked(Outcome::QuotasReplaced { quotas, kept }) => {
+            format!("quotas replaced ({quotas} quotas, {kept} kept)")
+        }
+        CallResult::Acked(Outcome::Rejected(e)) => format!("REJECTED ({e})"),
         CallResult::Acked(other) => format!("{other:?}"),
         CallResult::Unknown(why) => format!("UNKNOWN ({why})"),
     }

@@ -83,7 +83,7 @@ impl admin_server::Admin for Admin {
     }
 }
 
-fn describe_window(w: &WindowSpec) -> String {
+pub(super) fn describe_window(w: &WindowSpec) -> String {
     match w {
         WindowSpec::Fixed { duration_ms } => format!("fixed {duration_ms}ms"),
         WindowSpec::FromFirstHit { duration_ms } => format!("from_first_hit {duration_ms}ms"),

@@ -7,7 +7,12 @@
 //! - `rls_usage`: usage descriptors of rate-limit calls (stream-done, Report) as usage reports,
 //!   and request-time checks of the hard quotas.
 //! - `rls_reserve`: `usage=reserve` descriptors: reservations taken at request time.
+//! - `auth`: bearer tokens with roles in front of `tally.v1.Admin`, `tally.v1.Usage` and
+//!   `tally.v1.Cluster` ([`auth::AuthLayer`]); loopback only while no token is configured.
 //! - `admin`: `tally.v1.Admin` (status, limits in force).
+//! - `authz`: API keys at the edge: Envoy's ext_authz `envoy.service.auth.v3.Authorization`
+//!   and `tally.v1.Models` (never behind admin tokens: the key is the credential), with the
+//!   wire ⇄ domain conversions in `authz_convert`; `key_secret`: the secrets' format.
 //! - `usage`: `tally.v1.Usage` (usage reports, reservations, prices, billing queries, export,
 //!   quota events), with its wire ⇄ domain conversions in `usage_convert`.
 //! - `convert`: wire ⇄ domain conversions, response headers and bodies.
@@ -17,10 +22,15 @@
 //! Architecture invariant: no protobuf type crosses into `engine` or `node`.
 
 mod admin;
+pub mod auth;
+pub mod authz;
+mod authz_convert;
 pub mod cluster;
 mod convert;
 mod deadline;
 pub mod http;
+pub mod key_secret;
+mod keys;
 mod kuadrant;
 pub mod raft;
 mod rls;
@@ -30,13 +40,18 @@ pub(crate) mod status;
 mod usage;
 mod usage_convert;
 
+use tally_proto::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
 use tally_proto::tally::v1::admin_server::AdminServer;
+use tally_proto::tally::v1::keys_server::KeysServer;
+use tally_proto::tally::v1::models_server::ModelsServer;
 use tally_proto::tally::v1::usage_server::UsageServer;
 use tokio::sync::watch;
 use tonic::service::Routes;
+use tower_layer::Layer;
 
+pub use authz::AuthzConfig;
 pub use convert::{OVER_LIMIT_BODY, ResponseOptions};
 
 use crate::node::Node;
@@ -55,12 +70,29 @@ pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
 }
 
 /// [`grpc_routes`], with long-lived streams ending once `stop` turns true (the server's
-/// graceful shutdown waits for every open stream, so they must end).
+/// graceful shutdown waits for every open stream, so they must end). No token is configured:
+/// the admin and billing methods answer loopback peers only.
 pub async fn grpc_routes_with_stop(
     node: Node,
     options: ResponseOptions,
     stop: watch::Receiver<bool>,
 ) -> Routes {
+    let authz = AuthzConfig::default();
+    grpc_routes_secured(node, options, auth::AuthConfig::default(), authz, stop).await
+}
+
+/// [`grpc_routes_with_stop`] with the admin API's tokens: `tally.v1.Admin` and
+/// `tally.v1.Usage` are behind [`auth::AuthLayer`] (see `auth` for which method needs which
+/// role); Envoy RLS, Kuadrant, ext_authz and `tally.v1.Models` (`authz`, configured by
+/// `authz`), health and reflection are not guarded.
+pub async fn grpc_routes_secured(
+    node: Node,
+    options: ResponseOptions,
+    auth: auth::AuthConfig,
+    authz: AuthzConfig,
+    stop: watch::Receiver<bool>,
+) -> Routes {
+    let guard = auth::AuthLayer::new(auth);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<RateLimitServiceServer<rls::Rls>>()
@@ -74,6 +106,9 @@ pub async fn grpc_routes_with_stop(
     health_reporter
         .set_serving::<UsageServer<usage::Usage>>()
         .await;
+    health_reporter
+        .set_serving::<AuthorizationServer<authz::Authz>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
@@ -82,13 +117,23 @@ pub async fn grpc_routes_with_stop(
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let kuadrant = KuadrantServer::new(kuadrant::Kuadrant::new(node.clone(), options))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let usage = UsageServer::new(usage::Usage::new(node.clone(), stop))
-        .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let admin = AdminServer::new(admin::Admin::new(node));
+    let usage = guard.layer(
+        UsageServer::new(usage::Usage::new(node.clone(), stop))
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+    );
+    let keys = guard.layer(KeysServer::new(keys::Keys::new(node.clone())));
+    let authz = authz::Authz::new(node.clone(), authz);
+    let ext_authz =
+        AuthorizationServer::new(authz.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let models = ModelsServer::new(authz);
+    let admin = guard.layer(AdminServer::new(admin::Admin::new(node)));
     Routes::new(rls)
+        .add_service(keys)
         .add_service(kuadrant)
         .add_service(admin)
         .add_service(usage)
+        .add_service(ext_authz)
+        .add_service(models)
         .add_service(health_service)
         .add_service(reflection)
 }

@@ -83,3 +83,17 @@ impl From<MembershipError> for Status {
         }
     }
 }
+
+impl From<crate::api::auth::AuthError> for Status {
+    fn from(e: crate::api::auth::AuthError) -> Status {
+        use crate::api::auth::AuthError;
+        // The messages name the method and roles, never the token.
+        match e {
+            AuthError::LoopbackOnly { .. }
+            | AuthError::MissingToken { .. }
+            | AuthError::Malformed
+            | AuthError::InvalidToken => Status::unauthenticated(e.to_string()),
+            AuthError::Forbidden { .. } => Status::permission_denied(e.to_string()),
+        }
+    }
+}

@@ -63,6 +63,8 @@ pub struct Metering {
     pub prices: Option<PriceCatalog>,
     /// The file's quotas (empty without any): they replace the quotas in force.
     pub quotas: QuotaSet,
+    /// The file's subscriptions (tiers), put in force when they differ.
+    pub subscriptions: Vec<crate::engine::access::Subscription>,
 }
 
 #[derive(Deserialize)]
@@ -72,6 +74,8 @@ pub(super) struct MeteringRaw {
     prices: Option<Vec<PriceRaw>>,
     #[serde(default)]
     quotas: Vec<QuotaRaw>,
+    #[serde(default)]
+    subscriptions: Vec<super::subscriptions::SubscriptionRaw>,
 }
 
 #[derive(Deserialize)]
@@ -86,7 +90,7 @@ struct PriceRaw {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct QuotaRaw {
+pub(super) struct QuotaRaw {
     name: String,
     #[serde(default, rename = "match")]
     match_: Option<FilterRaw>,
@@ -218,9 +222,12 @@ pub(super) fn parse(
         }
         quotas.push(spec);
     }
+    let subscriptions =
+        super::subscriptions::parse(src, &raw.subscriptions, &path.key("subscriptions"))?;
     Ok(Metering {
         prices,
         quotas: QuotaSet { quotas },
+        subscriptions,
     })
 }
 
@@ -292,7 +299,18 @@ fn prices(
     Ok(catalog)
 }
 
-fn quota(src: &Source<'_>, raw: &QuotaRaw, path: &FieldPath) -> Result<QuotaSpec, ConfigError> {
+impl QuotaRaw {
+    /// Whether it sets `match` or `per` (a subscription's budget may not).
+    pub(super) fn has_match_or_per(&self) -> bool {
+        self.match_.is_some() || !self.per.0.is_empty()
+    }
+}
+
+pub(super) fn quota(
+    src: &Source<'_>,
+    raw: &QuotaRaw,
+    path: &FieldPath,
+) -> Result<QuotaSpec, ConfigError> {
     check_usage_string(src, &path.key("name"), &raw.name, true)?;
     let filter = match &raw.match_ {
         Some(m) => filter(src, m, &path.key("match"))?,
@@ -890,7 +908,8 @@ metering:
             parse("domains: []\n"),
             Metering {
                 prices: None,
-                quotas: QuotaSet::default()
+                quotas: QuotaSet::default(),
+                subscriptions: Vec::new(),
             }
         );
         assert_eq!(parse("domains: []\nmetering:\n"), Metering::default());

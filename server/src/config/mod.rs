@@ -31,6 +31,7 @@ pub mod envoy;
 pub mod limitador;
 pub mod metering;
 pub mod native;
+pub mod subscriptions;
 
 use std::cell::OnceCell;
 use std::collections::HashMap;

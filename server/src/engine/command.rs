@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::limits::{LimitSet, Unit};
-use super::usage;
+use super::{access, usage};
 
 /// Most descriptors one request may carry.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -47,6 +47,24 @@ pub enum Command {
     /// Ask whether the hard quotas leave room for one more request (reads only).
     /// Last, so that the log encoding of the variants before it is unchanged.
     CheckQuotas(usage::CheckQuotas),
+    /// Create an API key (its secret's hash only).
+    CreateKey(access::NewKey),
+    /// Disable or enable a key.
+    SetKeyEnabled { id: String, enabled: bool },
+    /// Delete a key for good.
+    DeleteKey { id: String },
+    /// Replace a key's secret; the old one stays valid for `grace_ms`.
+    RotateKey {
+        id: String,
+        secret_sha256: access::SecretHash,
+        grace_ms: u64,
+    },
+    /// Create or replace a subscription (its limits become quotas).
+    PutSubscription(access::Subscription),
+    /// Delete a subscription no key is bound to.
+    DeleteSubscription { name: String },
+    /// May this key make this request (now)?
+    Authorize(access::Authorize),
 }
 
 /// A rate-limit request, in domain terms.
@@ -157,6 +175,16 @@ pub enum Outcome {
     Rejected(CommandError),
     /// The answer to CheckQuotas.
     QuotaCheck(usage::QuotaCheck),
+    /// A key after CreateKey, SetKeyEnabled or RotateKey.
+    Key(access::KeyView),
+    KeyDeleted {
+        id: String,
+    },
+    /// After PutSubscription or DeleteSubscription: the quotas now in force.
+    SubscriptionsChanged {
+        quotas: u64,
+    },
+    Authorized(access::Authorization),
 }
 
 /// Why the engine refused a command. Nothing of a rejected command was applied.
@@ -212,6 +240,13 @@ impl Command {
             Command::SetPrices(p) => postcard::to_allocvec(p).map_or(usize::MAX, |v| v.len()),
             Command::ReplaceQuotas(q) => postcard::to_allocvec(q).map_or(usize::MAX, |v| v.len()),
             Command::CheckQuotas(c) => 8 + attribution_bytes(&c.who),
+            Command::CreateKey(_) | Command::PutSubscription(_) => {
+                postcard::to_allocvec(self).map_or(usize::MAX, |v| v.len())
+            }
+            Command::SetKeyEnabled { id, .. } | Command::DeleteKey { id } => 8 + id.len(),
+            Command::RotateKey { id, .. } => 48 + id.len(),
+            Command::DeleteSubscription { name } => 8 + name.len(),
+            Command::Authorize(a) => 48 + a.key_id.len() + a.model.as_ref().map_or(0, String::len),
         }
     }
 }

@@ -13,16 +13,20 @@
 //! - `window`, `calendar`: fixed, calendar, first-hit, rolling and token-bucket arithmetic.
 //! - `counters`: the bounded counter table and its incremental reclamation.
 //! - [`cel`]: CEL expressions of Limitador-format limits.
+//! - [`access`]: API keys and subscriptions as plain data; `keys`: their table,
+//!   authorization, and the quotas subscriptions become.
 //! - `snapshot`: the whole state to bytes and back.
 //!
 //! Architecture invariant: batch time never goes backwards inside the engine; a batch stamped
 //! earlier than the last one is applied at the last one's time.
 
+pub mod access;
 pub mod calendar;
 pub mod cel;
 pub mod command;
 mod counters;
 mod decide;
+mod keys;
 pub mod limits;
 mod meter;
 mod registry;
@@ -155,6 +159,8 @@ pub struct Engine {
     retired_nodes: std::collections::BTreeSet<u64>,
     /// Prices, quotas, reservations, request ids, the usage ledger and events.
     meter: meter::Meter,
+    /// API keys and subscriptions.
+    keys: keys::Keys,
 }
 
 impl Engine {
@@ -170,6 +176,7 @@ impl Engine {
             applied_batches: 0,
             retired_nodes: std::collections::BTreeSet::new(),
             meter: meter::Meter::default(),
+            keys: keys::Keys::default(),
         }
     }
 
@@ -235,6 +242,13 @@ impl Engine {
             | Command::SetPrices(_)
             | Command::ReplaceQuotas(_)
             | Command::CheckQuotas(_) => self.apply_usage(command, now_ms),
+            Command::CreateKey(_)
+            | Command::SetKeyEnabled { .. }
+            | Command::DeleteKey { .. }
+            | Command::RotateKey { .. }
+            | Command::PutSubscription(_)
+            | Command::DeleteSubscription { .. }
+            | Command::Authorize(_) => self.apply_access(command, now_ms),
             Command::ReplaceLimits(set) => {
                 self.registry
                     .replace(set)

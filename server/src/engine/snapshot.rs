@@ -28,6 +28,7 @@ struct Body {
     cursor: u64,
     retired_nodes: Vec<u64>,
     meter: super::meter::MeterImage,
+    keys: super::keys::Keys,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,7 @@ impl Engine {
             cursor: self.counters.cursor() as u64,
             retired_nodes: self.retired_nodes.iter().copied().collect(),
             meter: self.meter.image(),
+            keys: self.keys.clone(),
         };
         let mut out = MAGIC.to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
@@ -89,6 +91,7 @@ impl Engine {
         engine.last_ms = body.last_ms;
         engine.retired_nodes = body.retired_nodes.into_iter().collect();
         engine.meter = super::meter::Meter::from_image(body.meter).map_err(SnapshotError::Meter)?;
+        engine.keys = body.keys;
         engine.registry = registry;
         engine.counters = Counters::default();
         for (key, state) in body.counters {

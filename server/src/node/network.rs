@@ -23,6 +23,11 @@
 //!   status) → [`RPCError::Network`]. An append-entries request too big for one message →
 //!   [`RPCError::PayloadTooLarge`] with a hint, so openraft sends fewer entries at a time.
 //!
+//! - **Mutual TLS between peers** ([`Network::with_tls`], [`peer_endpoint`]): with the
+//!   cluster's client TLS (CA to verify the peer, this node's certificate to present), peers
+//!   are dialled over `https://`; the Raft listener (`server.rs`) then refuses any peer without
+//!   a certificate signed by the cluster's CA.
+//!
 //! The gRPC client and its protobuf envelope stay private to this module: nothing protobuf
 //! leaves it (the envelope is only `bytes`; the payload is openraft's own serde types).
 
@@ -89,6 +94,8 @@ const UNREACHABLE_BACKOFF_MAX: Duration = Duration::from_millis(500);
 pub struct Network {
     id: NodeId,
     shared: Arc<Shared>,
+    /// Some: peers are dialled over mutual TLS.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 struct Shared {
@@ -116,6 +123,12 @@ pub struct NetworkStats {
 impl Network {
     /// The network of node `id` (the sender named in timeout errors).
     pub fn new(id: NodeId) -> Network {
+        Network::with_tls(id, None)
+    }
+
+    /// The network of node `id`, dialling peers with `tls` (the cluster's CA and this node's
+    /// certificate and key: mutual TLS) when given.
+    pub fn with_tls(id: NodeId, tls: Option<tonic::transport::ClientTlsConfig>) -> Network {
         Network {
             id,
             shared: Arc::new(Shared {
@@ -123,6 +136,7 @@ impl Network {
                 channels_created: AtomicU64::new(0),
                 clients_created: AtomicU64::new(0),
             }),
+            tls,
         }
     }
 
@@ -148,7 +162,7 @@ impl Network {
         {
             return peer.channel.clone();
         }
-        let channel = endpoint(addr).map(|e| e.connect_lazy());
+        let channel = peer_endpoint(addr, self.tls.as_ref()).map(|e| e.connect_lazy());
         if let Err(e) = &channel {
             tracing::error!(target, addr, error = %e, "unusable Raft peer address");
         }
@@ -165,21 +179,32 @@ impl Network {
 }
 
 /// The endpoint for a peer address: `host:port`, or a URI with a scheme (`http://host:port`).
-fn endpoint(addr: &str) -> Result<Endpoint, String> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+/// With `tls`, the peer is dialled over `https://` and verified against the cluster's CA (its
+/// certificate must name the address's host, an IP or DNS name), presenting this node's
+/// certificate. For every node-to-node channel (Raft, forwarding, cluster calls passed on).
+pub fn peer_endpoint(
+    addr: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<Endpoint, String> {
+    let uri = match (addr.split_once("://"), tls) {
+        (Some(("http", rest)), Some(_)) => format!("https://{rest}"),
+        (Some(_), _) => addr.to_owned(),
+        (None, Some(_)) => format!("https://{addr}"),
+        (None, None) => format!("http://{addr}"),
     };
-    Endpoint::from_shared(uri)
-        .map_err(|e| format!("invalid address {addr:?}: {e}"))
-        .map(|e| {
-            e.connect_timeout(CONNECT_TIMEOUT)
-                .tcp_nodelay(true)
-                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
-                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-                .keep_alive_while_idle(true)
-        })
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| format!("invalid address {addr:?}: {e}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true);
+    match tls {
+        None => Ok(endpoint),
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| format!("TLS for {addr:?}: {e}")),
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {

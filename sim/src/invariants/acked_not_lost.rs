@@ -190,6 +190,7 @@ mod tests {
             running: true,
             applied: h.committed_upto,
             snapshot: before,
+            archive: Default::default(),
         });
         let v = check(&h.ev(), &h.replay());
         assert_eq!(v.len(), 1, "{v:?}");

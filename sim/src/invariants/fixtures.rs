@@ -215,7 +215,29 @@ impl Hist {
             running: true,
             applied: self.committed_upto,
             snapshot: self.engine.snapshot(),
+            archive: ArchiveRead::of(
+                crate::invariants::usage_log::export_all(&self.engine).expect("records held"),
+            ),
         });
+    }
+
+    /// A client call of any command, in its own batch; the client saw the true outcome.
+    pub fn call(&mut self, command: Command, stamp_ms: i64, committed: bool) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let outcome = self
+            .append(stamp_ms, vec![command.clone()], committed)
+            .remove(0);
+        self.calls.push(Call {
+            id,
+            node: 1,
+            served_by: (1, 0),
+            sent_ms: stamp_ms as u64,
+            done_ms: stamp_ms as u64 + 5,
+            command,
+            result: CallResult::Acked(outcome),
+        });
+        id
     }
 
     pub fn ev(&self) -> Evidence {

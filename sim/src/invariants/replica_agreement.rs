@@ -149,6 +149,7 @@ mod tests {
             running: true,
             applied: h.committed_upto,
             snapshot: diverged.snapshot(),
+            archive: Default::default(),
         });
         h.samples.push(crate::history::Sample {
             node: 2,

@@ -31,6 +31,8 @@ use serde::{Deserialize, Serialize};
 pub(crate) use image::MeterImage;
 
 use super::command::{Command, CommandError, Outcome};
+use super::keys::DERIVED_PREFIX;
+use super::usage::QuotaSet;
 use super::usage::{
     Attribution, Commit, Enforcement, Event, EventKind, Overshoot, PriceCatalog, QuotaSpec,
     QuotaStanding, ReadError, Receipt, ReportUsage, Reserve, Settled, Tokens, UsageQuery,
@@ -536,6 +538,50 @@ impl Meter {
     }
 }
 
+impl Meter {
+    /// Replaces the configured quotas (a quota file's), keeping the `derived` ones
+    /// (subscriptions') after them. Configured names may not use the derived prefix.
+    fn replace_configured(
+        &mut self,
+        set: &QuotaSet,
+        derived: Vec<QuotaSpec>,
+    ) -> Result<u64, CommandError> {
+        if let Some(i) = set
+            .quotas
+            .iter()
+            .position(|q| q.name.starts_with(DERIVED_PREFIX))
+        {
+            return Err(CommandError::invalid(
+                format!("quotas[{i}].name"),
+                format!("names starting with {DERIVED_PREFIX:?} are the subscriptions' own"),
+            ));
+        }
+        let mut all = set.clone();
+        all.quotas.extend(derived);
+        self.quotas.replace(&all)
+    }
+
+    /// Replaces the quotas derived from subscriptions, keeping the configured ones; how many
+    /// quotas are in force after.
+    pub(crate) fn set_derived_quotas(
+        &mut self,
+        derived: Vec<QuotaSpec>,
+    ) -> Result<u64, CommandError> {
+        let mut all = QuotaSet {
+            quotas: self
+                .quotas
+                .list
+                .iter()
+                .filter(|q| !q.spec.name.starts_with(DERIVED_PREFIX))
+                .map(|q| q.spec.clone())
+                .collect(),
+        };
+        all.quotas.extend(derived);
+        self.quotas.replace(&all)?;
+        Ok(self.quotas.list.len() as u64)
+    }
+}
+
 impl Engine {
     /// Applies one metering command at `now_ms`.
     pub(crate) fn apply_usage(
@@ -558,7 +604,9 @@ impl Engine {
                 Ok(Outcome::PricesSet { version })
             }
             Command::ReplaceQuotas(set) => {
-                let kept = m.quotas.replace(set)?;
+                let derived = self.keys.derived_quotas();
+                let m = &mut self.meter;
+                let kept = m.replace_configured(set, derived)?;
                 Ok(Outcome::QuotasReplaced {
                     quotas: m.quotas.list.len() as u64,
                     kept,

@@ -1,0 +1,87 @@
+//! `tally keys` and `tally subscriptions`, run as the real binary against an in-process
+//! server (the embedded example config, with its three tiers) on 127.0.0.1 port 0.
+
+mod common;
+
+use common::{ok, tally};
+use std::time::Duration;
+
+use tally_server::server::{self, ServerConfig};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_are_created_listed_disabled_rotated_and_deleted_from_the_command_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ServerConfig {
+        data_dir: dir.path().join("node-1"),
+        ..ServerConfig::default()
+    };
+    let running = server::spawn(config).await.unwrap();
+    running.wait_ready(Duration::from_secs(10)).await.unwrap();
+    let addr = format!("http://{}", running.grpc_addr);
+
+    let subs = tally(&addr, &["subscriptions", "list"]).await;
+    let text = ok(&subs);
+    assert!(text.starts_with("NAME"), "{text}");
+    for tier in ["free", "premium", "enterprise"] {
+        assert!(text.contains(tier), "{text}");
+    }
+    let made = tally(
+        &addr,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "shop",
+            "--subscription",
+            "free",
+            "--label",
+            "team=web",
+            "--json",
+        ],
+    )
+    .await;
+    let made: serde_json::Value = serde_json::from_str(ok(&made)).unwrap();
+    let secret = made["secret"].as_str().unwrap().to_owned();
+    let id = made["key"]["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with(&format!("tly_{id}_")), "{secret}");
+    // Listed, never with its secret.
+    let list = tally(&addr, &["keys", "list", "--json"]).await;
+    let list_text = ok(&list).to_owned();
+    assert!(!list_text.contains(&secret[21..]), "{list_text}");
+    let list: serde_json::Value = serde_json::from_str(&list_text).unwrap();
+    assert_eq!(list[0]["id"], id.as_str());
+    assert_eq!(list[0]["labels"]["team"], "web");
+    let table = tally(&addr, &["keys", "list"]).await;
+    assert!(
+        ok(&table).lines().nth(1).unwrap().starts_with(&id),
+        "{}",
+        table.stdout
+    );
+    // Disable, show.
+    ok(&tally(&addr, &["keys", "disable", &id]).await);
+    let shown = tally(&addr, &["keys", "show", &id, "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(ok(&shown)).unwrap();
+    assert_eq!(shown["enabled"], false);
+    ok(&tally(&addr, &["keys", "enable", &id]).await);
+    // Rotate: a new secret.
+    let rotated = tally(
+        &addr,
+        &["keys", "rotate", &id, "--grace-ms", "1000", "--json"],
+    )
+    .await;
+    let rotated: serde_json::Value = serde_json::from_str(ok(&rotated)).unwrap();
+    assert_ne!(rotated["secret"].as_str().unwrap(), secret);
+    // A key needs a subscription: refused with a clear message, exit code non-zero.
+    let bad = tally(
+        &addr,
+        &["keys", "create", "--name", "x", "--subscription", "gold"],
+    )
+    .await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("subscription"), "{}", bad.stderr);
+    // Delete: gone for good.
+    ok(&tally(&addr, &["keys", "delete", &id]).await);
+    let gone = tally(&addr, &["keys", "show", &id]).await;
+    assert_ne!(gone.code, 0);
+    running.stop().await.unwrap();
+}
