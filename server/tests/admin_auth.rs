@@ -4,9 +4,7 @@
 
 mod common;
 
-use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -518,20 +516,6 @@ async fn the_environment_admin_token_works_beside_the_file() {
             .unwrap_or_else(|s| panic!("{method}: {s:?}"));
     }
     t.stop().await;
-}
-
-/// Log output, shared with the subscriber.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The only test of this file that installs a subscriber; it captures every test's logs at

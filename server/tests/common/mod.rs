@@ -388,3 +388,17 @@ impl Cluster {
         node.stop().await.unwrap();
     }
 }
+
+/// Log output, shared with a `tracing` subscriber (`with_writer(move || c.clone())`).
+#[derive(Clone, Default)]
+pub struct Captured(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
