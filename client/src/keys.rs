@@ -1,12 +1,13 @@
 //! `tally.v1.Keys` calls, and how keys and subscriptions are shown to people.
 
+use crate::proto::tally::v1::Metric;
 use crate::proto::tally::v1::keys_client::KeysClient;
 use crate::proto::tally::v1::{
     CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, Key,
     KeyWithSecret, ListKeysRequest, ListSubscriptionsRequest, RotateKeyRequest,
     SetKeyEnabledRequest, Subscription,
 };
-use crate::{ClientError, TallyClient, format_time_ms, table};
+use crate::{ClientError, TallyClient, format_time_ms, format_usd, table};
 
 impl TallyClient {
     /// `tally.v1.Keys/CreateKey`: a new key and its secret (shown this once).
@@ -198,7 +199,14 @@ pub fn render_subscriptions(subs: &[Subscription]) -> String {
                 },
                 s.budgets
                     .iter()
-                    .map(|b| format!("{} {} ({})", b.name, b.limit, b.window))
+                    .map(|b| {
+                        let limit = if b.metric == Metric::CostNusd as i32 {
+                            format!("${}", format_usd(b.limit))
+                        } else {
+                            b.limit.to_string()
+                        };
+                        format!("{} {limit} ({})", b.name, b.window)
+                    })
                     .collect::<Vec<_>>()
                     .join("; "),
             ]

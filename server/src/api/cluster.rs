@@ -106,10 +106,16 @@ impl ClusterService {
     }
 }
 
-fn passed_on<T>(message: T) -> Request<T> {
-    let mut r = Request::new(message);
+/// `request`'s message, marked as passed on, with the caller's bearer token (so the leader
+/// checks the same credentials the follower was shown).
+fn passed_on<T>(request: Request<T>) -> Request<T> {
+    let token = request.metadata().get("authorization").cloned();
+    let mut r = Request::new(request.into_inner());
     r.metadata_mut()
         .insert(PASSED_ON, "1".parse().expect("valid metadata"));
+    if let Some(token) = token {
+        r.metadata_mut().insert("authorization", token);
+    }
     r
 }
 
@@ -139,7 +145,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ClusterStatus>, Status> {
         if let Some(addr) = self.leader_elsewhere(&request)? {
             let mut c = self.leader_client(&addr).await?;
-            return c.status(passed_on(ClusterStatusRequest {})).await;
+            return c.status(passed_on(request)).await;
         }
         // Read index: confirms leadership with a majority before answering.
         self.node.read_linearizable(|_| ()).await?;
@@ -152,7 +158,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ClusterStatus>, Status> {
         if let Some(addr) = self.leader_elsewhere(&request)? {
             let mut c = self.leader_client(&addr).await?;
-            return c.add_learner(passed_on(request.into_inner())).await;
+            return c.add_learner(passed_on(request)).await;
         }
         let r = request.into_inner();
         // Blocking: answers once the learner has caught up with the log.
@@ -166,7 +172,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ClusterStatus>, Status> {
         if let Some(addr) = self.leader_elsewhere(&request)? {
             let mut c = self.leader_client(&addr).await?;
-            return c.promote(passed_on(request.into_inner())).await;
+            return c.promote(passed_on(request)).await;
         }
         self.node.promote(request.into_inner().id).await?;
         Ok(Response::new(status_of(&self.node)))
@@ -178,7 +184,7 @@ impl cluster_server::Cluster for ClusterService {
     ) -> Result<Response<ClusterStatus>, Status> {
         if let Some(addr) = self.leader_elsewhere(&request)? {
             let mut c = self.leader_client(&addr).await?;
-            return c.remove(passed_on(request.into_inner())).await;
+            return c.remove(passed_on(request)).await;
         }
         self.node.remove(request.into_inner().id).await?;
         Ok(Response::new(status_of(&self.node)))
