@@ -3,9 +3,9 @@
 use crate::proto::tally::v1::Metric;
 use crate::proto::tally::v1::keys_client::KeysClient;
 use crate::proto::tally::v1::{
-    CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, Key,
-    KeyWithSecret, ListKeysRequest, ListSubscriptionsRequest, RotateKeyRequest,
-    SetKeyEnabledRequest, Subscription,
+    CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest, DeleteSubscriptionRequest,
+    GetKeyRequest, Key, KeyWithSecret, ListKeysRequest, ListSubscriptionsRequest, PutMode,
+    PutSubscriptionsRequest, RotateKeyRequest, SetKeyEnabledRequest, Subscription,
 };
 use crate::{ClientError, TallyClient, format_time_ms, format_usd, table};
 
@@ -72,6 +72,35 @@ impl TallyClient {
         let mut client = KeysClient::new(self.channel.clone());
         self.call(client.create_ephemeral_key(self.request(request)))
             .await
+    }
+
+    /// `tally.v1.Keys/PutSubscriptions`: create or replace subscriptions from a document in
+    /// the config file's syntax; answers them as now in force.
+    pub async fn put_subscriptions(
+        &self,
+        document: String,
+        mode: PutMode,
+    ) -> Result<Vec<Subscription>, ClientError> {
+        let mut client = KeysClient::new(self.channel.clone());
+        let request = PutSubscriptionsRequest {
+            document,
+            mode: mode as i32,
+        };
+        let r = self
+            .call(client.put_subscriptions(self.request(request)))
+            .await?;
+        Ok(r.subscriptions)
+    }
+
+    /// `tally.v1.Keys/DeleteSubscription`: one no key is bound to.
+    pub async fn delete_subscription(&self, name: &str) -> Result<(), ClientError> {
+        let mut client = KeysClient::new(self.channel.clone());
+        let request = DeleteSubscriptionRequest {
+            name: name.to_owned(),
+        };
+        self.call(client.delete_subscription(self.request(request)))
+            .await?;
+        Ok(())
     }
 
     /// `tally.v1.Keys/ListSubscriptions`.

@@ -2,7 +2,7 @@
 
 use clap::Subcommand;
 use tally_client::proto::tally::v1::{
-    CreateEphemeralKeyRequest, CreateKeyRequest, KeyWithSecret, Label,
+    CreateEphemeralKeyRequest, CreateKeyRequest, KeyWithSecret, Label, PutMode,
 };
 use tally_client::{
     ClientError, TallyClient, key_json, render_keys, render_subscriptions, subscription_json,
@@ -83,6 +83,19 @@ pub enum SubscriptionsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Create subscriptions from a file in the config's syntax (`subscriptions:` list, YAML
+    /// or JSON); refused if one exists
+    Create {
+        #[arg(long, value_name = "PATH")]
+        file: std::path::PathBuf,
+    },
+    /// Replace subscriptions from such a file; refused if one does not exist
+    Update {
+        #[arg(long, value_name = "PATH")]
+        file: std::path::PathBuf,
+    },
+    /// Delete a subscription no key is bound to
+    Delete { name: String },
 }
 
 fn label_arg(s: &str) -> Result<Label, String> {
@@ -182,6 +195,29 @@ pub async fn run_subscriptions(
     client: &TallyClient,
     command: SubscriptionsCommand,
 ) -> Result<u8, ClientError> {
+    let (mode, file) = match &command {
+        SubscriptionsCommand::Create { file } => (PutMode::Create, file),
+        SubscriptionsCommand::Update { file } => (PutMode::Update, file),
+        SubscriptionsCommand::Delete { name } => {
+            client.delete_subscription(name).await?;
+            println!("subscription {name} deleted");
+            return Ok(0);
+        }
+        _ => return show_subscriptions(client, command).await,
+    };
+    let document = std::fs::read_to_string(file).map_err(|e| ClientError::InvalidInput {
+        what: format!("subscriptions file {}", file.display()),
+        reason: e.to_string(),
+    })?;
+    let put = client.put_subscriptions(document, mode).await?;
+    print!("{}", render_subscriptions(&put));
+    Ok(0)
+}
+
+async fn show_subscriptions(
+    client: &TallyClient,
+    command: SubscriptionsCommand,
+) -> Result<u8, ClientError> {
     let subs = client.list_subscriptions().await?;
     let (subs, json) = match command {
         SubscriptionsCommand::List { json } => (subs, json),
@@ -195,6 +231,7 @@ pub async fn run_subscriptions(
             }
             (one, json)
         }
+        _ => unreachable!("run_subscriptions handles the others"),
     };
     if json {
         let all: Vec<_> = subs.iter().map(subscription_json).collect();

@@ -83,5 +83,55 @@ async fn keys_are_created_listed_disabled_rotated_and_deleted_from_the_command_l
     ok(&tally(&addr, &["keys", "delete", &id]).await);
     let gone = tally(&addr, &["keys", "show", &id]).await;
     assert_ne!(gone.code, 0);
+    // Subscriptions over the API: create, update, delete; the file's errors name the field.
+    let file = dir.path().join("tiers.yaml");
+    std::fs::write(
+        &file,
+        "subscriptions:\n  - name: team\n    models: [gpt-4o]\n    requests_per_minute: 7\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let made = tally(&addr, &["subscriptions", "create", "--file", path]).await;
+    assert!(ok(&made).contains("team"), "{}", made.stdout);
+    let again = tally(&addr, &["subscriptions", "create", "--file", path]).await;
+    assert_ne!(again.code, 0);
+    assert!(again.stderr.contains("exists"), "{}", again.stderr);
+    std::fs::write(
+        &file,
+        "subscriptions:\n  - name: team\n    requests_per_minute: 9\n",
+    )
+    .unwrap();
+    ok(&tally(&addr, &["subscriptions", "update", "--file", path]).await);
+    let shown = tally(&addr, &["subscriptions", "show", "team", "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(ok(&shown)).unwrap();
+    assert_eq!(shown[0]["requests_per_minute"], 9);
+    std::fs::write(
+        &file,
+        "subscriptions:\n  - name: team\n    requests_per_minute: 0\n",
+    )
+    .unwrap();
+    let bad = tally(&addr, &["subscriptions", "update", "--file", path]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("requests_per_minute"), "{}", bad.stderr);
+    // The quotas its limits became are in force; deleting it removes it.
+    ok(&tally(&addr, &["subscriptions", "delete", "team"]).await);
+    let gone = tally(&addr, &["subscriptions", "show", "team"]).await;
+    assert_ne!(gone.code, 0);
+    // One with keys bound to it cannot go.
+    ok(&tally(
+        &addr,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "k2",
+            "--subscription",
+            "premium",
+        ],
+    )
+    .await);
+    let bound = tally(&addr, &["subscriptions", "delete", "premium"]).await;
+    assert_ne!(bound.code, 0);
+    assert!(bound.stderr.contains("bound"), "{}", bound.stderr);
     running.stop().await.unwrap();
 }

@@ -274,6 +274,85 @@ impl keys_server::Keys for Keys {
             subscriptions,
         }))
     }
+
+    async fn put_subscriptions(
+        &self,
+        request: Request<wire::PutSubscriptionsRequest>,
+    ) -> Result<Response<wire::ListSubscriptionsResponse>, Status> {
+        let deadline = deadline::of(&request);
+        let r = request.into_inner();
+        let mode = wire::PutMode::try_from(r.mode)
+            .map_err(|_| CommandError::invalid("mode", format!("unknown mode {}", r.mode)))?;
+        let list = crate::config::subscriptions::parse_subscriptions(&r.document, "document")
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let names: Vec<String> = list.iter().map(|s| s.name.clone()).collect();
+        let in_force: Vec<String> = self
+            .read(deadline, |e| {
+                e.subscriptions().map(|s| s.name.clone()).collect()
+            })
+            .await?;
+        check_mode(mode, &names, &in_force)?;
+        for s in list {
+            match self.propose(Command::PutSubscription(s), deadline).await? {
+                Outcome::SubscriptionsChanged { .. } => {}
+                other => return Err(status::unexpected(&other)),
+            }
+        }
+        let subscriptions = self
+            .read(deadline, |e| {
+                e.subscriptions()
+                    .filter(|s| names.contains(&s.name))
+                    .cloned()
+                    .map(wire::Subscription::from)
+                    .collect()
+            })
+            .await?;
+        Ok(Response::new(wire::ListSubscriptionsResponse {
+            subscriptions,
+        }))
+    }
+
+    async fn delete_subscription(
+        &self,
+        request: Request<wire::DeleteSubscriptionRequest>,
+    ) -> Result<Response<wire::DeleteSubscriptionResponse>, Status> {
+        let deadline = deadline::of(&request);
+        let name = request.into_inner().name;
+        let command = Command::DeleteSubscription { name: name.clone() };
+        match self.propose(command, deadline).await? {
+            Outcome::SubscriptionsChanged { .. } => {
+                Ok(Response::new(wire::DeleteSubscriptionResponse { name }))
+            }
+            other => Err(status::unexpected(&other)),
+        }
+    }
+}
+
+/// Refuses the whole document when create meets a name in force, or update one that is not.
+fn check_mode(
+    mode: wire::PutMode,
+    names: &[String],
+    in_force: &[String],
+) -> Result<(), CommandError> {
+    for name in names {
+        let exists = in_force.contains(name);
+        match mode {
+            wire::PutMode::Create if exists => {
+                return Err(CommandError::invalid(
+                    "document",
+                    format!("subscription {name:?} exists (update it instead)"),
+                ));
+            }
+            wire::PutMode::Update if !exists => {
+                return Err(CommandError::invalid(
+                    "document",
+                    format!("no subscription {name:?} (create it first)"),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl Keys {

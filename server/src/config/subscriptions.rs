@@ -152,3 +152,22 @@ fn budget(src: &Source<'_>, raw: &QuotaRaw, path: &FieldPath) -> Result<Budget, 
         thresholds_pct: spec.thresholds_pct,
     })
 }
+
+/// A subscriptions document on its own (`tally subscriptions create --file F`): the same
+/// syntax as the config section, under a top-level `subscriptions:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionsFile {
+    subscriptions: Vec<SubscriptionRaw>,
+}
+
+/// Parses a subscriptions document (YAML or JSON); errors name the line and field.
+pub fn parse_subscriptions(text: &str, origin: &str) -> Result<Vec<Subscription>, ConfigError> {
+    let src = Source::new(text, origin);
+    let file: SubscriptionsFile = src.parse()?;
+    parse(
+        &src,
+        &file.subscriptions,
+        &FieldPath::root().key("subscriptions"),
+    )
+}
