@@ -181,11 +181,8 @@ impl Models for Authz {
             Err(d) => return Err(Status::permission_denied(d.to_string())),
         };
         // Read once this replica has applied at least the authorization just decided.
-        let models = self
-            .node
-            .read_linearizable(|e| e.models_for(&grant.key_id))
-            .await
-            .map_err(status::read_unavailable)?
+        let models = deadline::read(&self.node, deadline, |e| e.models_for(&grant.key_id))
+            .await?
             .ok_or_else(|| Status::unauthenticated("this API key was deleted"))?;
         Ok(Response::new(ListModelsResponse { models }))
     }

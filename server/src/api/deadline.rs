@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tonic::Status;
 
-use crate::engine::{Command, Outcome};
+use crate::engine::{Command, Engine, Outcome};
 use crate::node::Node;
 
 /// Time kept back from the caller's deadline to answer before it passes: a twentieth of it,
@@ -29,6 +29,24 @@ pub async fn propose(
             .map_err(|_| Status::unavailable(late))??,
         None => propose.await?,
     })
+}
+
+/// A linearizable read of the engine (on any node: see `Node::read_linearizable`), at most
+/// `deadline` (none: [`MAX_DECISION_WAIT`]). UNAVAILABLE when it cannot be served in time.
+pub async fn read<R>(
+    node: &Node,
+    deadline: Option<Duration>,
+    f: impl FnOnce(&Engine) -> R,
+) -> Result<R, Status> {
+    let wait = deadline.unwrap_or(MAX_DECISION_WAIT);
+    match tokio::time::timeout(wait, node.read_linearizable(f)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(super::status::read_unavailable(e)),
+        Err(_) => Err(Status::unavailable(
+            "no linearizable read within the caller's deadline (no leader, no quorum, or the \
+             leader out of reach)",
+        )),
+    }
 }
 
 /// How long this call may wait for its outcome, if the caller said.

@@ -12,7 +12,7 @@ use tally_proto::tally::v1::keys_server;
 use tonic::{Request, Response, Status};
 
 use super::auth::Caller;
-use super::deadline::{self, MAX_DECISION_WAIT};
+use super::deadline;
 use super::key_secret;
 use super::status;
 use crate::engine::access::{Authorize, CLASSIFICATIONS, KeyView, NewKey, Subscription};
@@ -61,14 +61,7 @@ impl Keys {
         deadline: Option<Duration>,
         f: impl FnOnce(&Engine) -> R,
     ) -> Result<R, Status> {
-        let wait = deadline.unwrap_or(MAX_DECISION_WAIT);
-        match tokio::time::timeout(wait, self.node.read_linearizable(f)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(status::read_unavailable(e)),
-            Err(_) => Err(Status::unavailable(
-                "no linearizable read within the caller's deadline",
-            )),
-        }
+        deadline::read(&self.node, deadline, f).await
     }
 
     /// Creates a key with a fresh id and secret; answers it with the secret.

@@ -4,8 +4,9 @@
 //! Writes are validated here (the engine's `validate`, so bad input answers INVALID_ARGUMENT
 //! naming the wire field) and proposed through the [`Node`] with the caller's deadline; the
 //! engine validates again when it applies them. Reads that a billing job relies on (queries,
-//! the overview, prices, every export page) are linearizable, on any node: a follower takes
-//! the leader's read index and answers once it has applied up to it. Wire ⇄ domain
+//! the overview, prices, an export's end) are linearizable, on any node (`deadline::read`): a
+//! follower takes the leader's read index and answers once it has applied up to it. Export
+//! pages come from the node's usage archive, which holds every record up to that end. Wire ⇄ domain
 //! conversions live in `usage_convert`; errors become statuses only in `status`.
 
 use std::time::Duration;
@@ -70,24 +71,6 @@ impl Usage {
             Outcome::Rejected(e) => Err(e.into()),
             other => Err(status::unexpected(&other)),
         }
-    }
-}
-
-/// A linearizable read of the engine, on this node whether it leads or not, at most `deadline`
-/// (or [`MAX_DECISION_WAIT`]; the node bounds a read by its forward timeout too).
-async fn read<R>(
-    node: &Node,
-    deadline: Option<Duration>,
-    f: impl FnOnce(&Engine) -> R,
-) -> Result<R, Status> {
-    let wait = deadline.unwrap_or(MAX_DECISION_WAIT);
-    match tokio::time::timeout(wait, node.read_linearizable(f)).await {
-        Ok(Ok(r)) => Ok(r),
-        Ok(Err(e)) => Err(status::read_unavailable(e)),
-        Err(_) => Err(Status::unavailable(
-            "no linearizable read within the caller's deadline (no leader, no quorum, or the \
-             leader out of reach)",
-        )),
     }
 }
 
@@ -162,7 +145,7 @@ impl usage_server::Usage for Usage {
         request: Request<wire::ListPricesRequest>,
     ) -> Result<Response<wire::ListPricesResponse>, Status> {
         let deadline = deadline::of(&request);
-        let response = read(&self.node, deadline, |e| {
+        let response = deadline::read(&self.node, deadline, |e| {
             let (version, catalog) = e.prices();
             wire::ListPricesResponse {
                 version,
@@ -179,7 +162,7 @@ impl usage_server::Usage for Usage {
     ) -> Result<Response<wire::QueryUsageResponse>, Status> {
         let deadline = deadline::of(&request);
         let query = UsageQuery::try_from(request.into_inner())?;
-        let rows = read(&self.node, deadline, |e| e.query_usage(&query)).await??;
+        let rows = deadline::read(&self.node, deadline, |e| e.query_usage(&query)).await??;
         Ok(Response::new(wire::QueryUsageResponse {
             rows: rows.into_iter().map(wire::UsageRow::from).collect(),
         }))
@@ -196,7 +179,7 @@ impl usage_server::Usage for Usage {
         }
         usage::check_len("subject", &r.subject)?;
         usage::check_len("subscription", &r.subscription)?;
-        let standings = read(&self.node, deadline, |e| {
+        let standings = deadline::read(&self.node, deadline, |e| {
             e.usage_overview(&r.subject, &r.subscription)
         })
         .await?;
@@ -226,7 +209,7 @@ impl usage_server::Usage for Usage {
             0 => u64::MAX,
             n => n,
         };
-        let end = read(&self.node, deadline, Engine::last_usage_seq).await?;
+        let end = deadline::read(&self.node, deadline, Engine::last_usage_seq).await?;
         let first = records(&self.node, r.after_seq, page_len(wanted)).await?;
         let (tx, rx) = mpsc::channel(EXPORT_BUFFER_PAGES * EXPORT_PAGE);
         tokio::spawn(export(
