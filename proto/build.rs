@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "proto/tally/v1/raft.proto",
     "proto/tally/v1/models.proto",
     "proto/tally/v1/keys.proto",
+    "proto/tally/v1/audit.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

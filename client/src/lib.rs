@@ -49,7 +49,9 @@ use tonic::transport::{Channel, Endpoint};
 
 pub use tally_proto as proto;
 
+mod audit;
 mod keys;
+pub use audit::{audit_json, render_audit};
 pub use keys::{key_json, render_keys, render_subscriptions, subscription_json};
 
 use tally_proto::envoy::config::core::v3::HeaderValue;

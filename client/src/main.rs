@@ -22,7 +22,7 @@ use tally_client::proto::envoy::extensions::common::ratelimit::v3::RateLimitDesc
 use tally_client::proto::envoy::service::ratelimit::v3::RateLimitResponse;
 use tally_client::proto::envoy::service::ratelimit::v3::rate_limit_response::Code;
 use tally_client::proto::tally::v1::{
-    Granularity, QueryUsageRequest, ReportUsageRequest, Tag, UsageFilter,
+    Granularity, ListAuditRequest, QueryUsageRequest, ReportUsageRequest, Tag, UsageFilter,
 };
 use tally_client::{
     ClientError, TallyClient, parse_descriptor, parse_granularity, parse_price_catalog, parse_tag,
@@ -171,9 +171,31 @@ enum Command {
     /// Subscriptions (tiers) keys are bound to: list, show
     #[command(subcommand)]
     Subscriptions(keys_cmd::SubscriptionsCommand),
+    /// The audit log of admin changes (tally.v1.Audit): who changed what, when, before and
+    /// after. A table by default; --json prints one object per line with before/after
+    Audit(AuditArgs),
     /// Admin API tokens for `tallyd --auth-tokens` (local: nothing is sent to a server)
     #[command(subcommand, after_help = AUTH_HELP)]
     Auth(AuthCommand),
+}
+
+#[derive(Debug, Args)]
+struct AuditArgs {
+    /// Records after this seq (a previous page's last seq; default: from the oldest held)
+    #[arg(long, value_name = "SEQ", default_value_t = 0)]
+    after: u64,
+    /// At most this many records (1..=1000)
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    limit: u32,
+    /// Only records about this target (a key id, a subscription name, `limits`, `prices`...)
+    #[arg(long)]
+    target: Option<String>,
+    /// Only records by this actor (an admin token's name)
+    #[arg(long)]
+    actor: Option<String>,
+    /// One JSON object per line, with the objects before and after
+    #[arg(long)]
+    json: bool,
 }
 
 const AUTH_HELP: &str = "\
@@ -574,8 +596,35 @@ async fn run(cli: Cli) -> Result<u8, ClientError> {
         Command::Prices(command) => run_prices(&client, command).await,
         Command::Keys(command) => keys_cmd::run_keys(&client, command).await,
         Command::Subscriptions(command) => keys_cmd::run_subscriptions(&client, command).await,
+        Command::Audit(args) => run_audit(&client, args).await,
         Command::Auth(_) => unreachable!("handled before connecting"),
     }
+}
+
+/// `tally audit`: one page of the audit log.
+async fn run_audit(client: &TallyClient, args: AuditArgs) -> Result<u8, ClientError> {
+    let page = client
+        .list_audit(ListAuditRequest {
+            after_seq: args.after,
+            limit: args.limit,
+            target: args.target.unwrap_or_default(),
+            actor: args.actor.unwrap_or_default(),
+        })
+        .await?;
+    if args.json {
+        for r in &page.records {
+            println!("{}", tally_client::audit_json(r));
+        }
+    } else {
+        print!("{}", tally_client::render_audit(&page.records));
+        if page.first_seq > 1 && args.after + 1 < page.first_seq {
+            eprintln!(
+                "(records before seq {} were dropped: the log keeps the newest 10,000)",
+                page.first_seq
+            );
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 /// `tally auth`: local token helpers.

@@ -133,5 +133,46 @@ async fn keys_are_created_listed_disabled_rotated_and_deleted_from_the_command_l
     let bound = tally(&addr, &["subscriptions", "delete", "premium"]).await;
     assert_ne!(bound.code, 0);
     assert!(bound.stderr.contains("bound"), "{}", bound.stderr);
+
+    // Every change above is in the audit log, by the loopback caller (no tokens here).
+    let audit = tally(&addr, &["audit", "--target", &id]).await;
+    let table = ok(&audit);
+    assert!(table.starts_with("SEQ"), "{table}");
+    for action in [
+        "keys.create",
+        "keys.disable",
+        "keys.enable",
+        "keys.rotate",
+        "keys.delete",
+    ] {
+        assert!(table.contains(action), "{action}: {table}");
+    }
+    assert!(table.contains("loopback"), "{table}");
+    let lines = tally(&addr, &["audit", "--target", "premium", "--json"]).await;
+    let records: Vec<serde_json::Value> = ok(&lines)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let refused: Vec<&serde_json::Value> = records
+        .iter()
+        .filter(|r| r["action"] == "subscriptions.delete")
+        .collect();
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert!(refused[0]["error"].as_str().unwrap().contains("bound"));
+    assert_eq!(refused[0]["before"]["name"], "premium");
+    let paged = tally(&addr, &["audit", "--after", "1", "--limit", "2", "--json"]).await;
+    let seqs: Vec<u64> = ok(&paged)
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, [2, 3]);
+    let bad = tally(&addr, &["audit", "--limit", "0"]).await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("--limit"), "{}", bad.stderr);
+    assert!(!format!("{table}{records:?}").contains(&secret[21..]));
     running.stop().await.unwrap();
 }

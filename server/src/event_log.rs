@@ -1,6 +1,7 @@
-//! Quota events to the log: every event this replica applies (threshold reached, over limit,
-//! reservation expired) becomes one structured `tracing` line, target `tally::usage_event`
-//! (JSON fields with `--log-format json`), besides the `WatchEvents` stream.
+//! Quota events and audit records to the log: every event this replica applies (threshold
+//! reached, over limit, reservation expired) becomes one structured `tracing` line, target
+//! `tally::usage_event` (JSON fields with `--log-format json`), besides the `WatchEvents`
+//! stream; every audit record one line, target `tally::audit`, besides `tally.v1.Audit`.
 //!
 //! Every node logs the events its own replica applies, so a cluster logs each event once per
 //! node, each line carrying the event's `seq` (the same on every node: deduplicate on it).
@@ -12,8 +13,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::engine::MAX_EVENTS;
+use crate::engine::audit::{AuditQuery, AuditRecord, MAX_AUDIT_RECORDS};
 use crate::engine::usage::{Event, EventKind};
+use crate::engine::{Engine, MAX_EVENTS};
 use crate::node::Node;
 
 /// How often the log task looks for new events.
@@ -23,39 +25,106 @@ const PAGE: usize = 512;
 /// The log target of event lines.
 pub const TARGET: &str = "tally::usage_event";
 
-/// Logs events until `stop` turns true.
-pub async fn run(node: Node, mut stop: watch::Receiver<bool>) {
-    let mut cursor = match node.read(|e| e.last_event_seq()).await {
-        Ok(seq) => seq,
-        Err(_) => return,
+/// The log target of audit lines.
+pub const AUDIT_TARGET: &str = "tally::audit";
+
+/// Logs quota events and audit records until `stop` turns true.
+pub async fn run(node: Node, stop: watch::Receiver<bool>) {
+    let events = Follow {
+        last: Engine::last_event_seq,
+        after: Engine::events_after,
+        seq: |e: &Event| e.seq,
+        log,
+        what: "quota events",
+        kept: MAX_EVENTS,
+        target: TARGET,
     };
-    loop {
-        let Ok(events) = node.read(|e| e.events_after(cursor, PAGE)).await else {
+    let audit = Follow {
+        last: Engine::last_audit_seq,
+        after: |e: &Engine, after_seq, max| {
+            e.audit(&AuditQuery {
+                after_seq,
+                limit: max,
+                ..AuditQuery::default()
+            })
+            .records
+        },
+        seq: |r: &AuditRecord| r.seq,
+        log: log_audit,
+        what: "audit records",
+        kept: MAX_AUDIT_RECORDS,
+        target: AUDIT_TARGET,
+    };
+    tokio::join!(
+        events.run(node.clone(), stop.clone()),
+        audit.run(node, stop)
+    );
+}
+
+/// How to follow one numbered ring of the engine into the log.
+struct Follow<T> {
+    last: fn(&Engine) -> u64,
+    after: fn(&Engine, u64, usize) -> Vec<T>,
+    seq: fn(&T) -> u64,
+    log: fn(&T),
+    what: &'static str,
+    kept: usize,
+    target: &'static str,
+}
+
+impl<T: Send + 'static> Follow<T> {
+    async fn run(self, node: Node, mut stop: watch::Receiver<bool>) {
+        let Ok(mut cursor) = node.read(self.last).await else {
             return;
         };
-        if let Some(first) = events.first()
-            && first.seq > cursor + 1
-        {
-            tracing::warn!(
-                target: TARGET,
-                from = cursor + 1,
-                to = first.seq - 1,
-                "quota events dropped before they were logged (more than {MAX_EVENTS} behind)"
-            );
-        }
-        let full = events.len() == PAGE;
-        for event in &events {
-            log(event);
-            cursor = event.seq;
-        }
-        if full {
-            continue;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(EVENT_LOG_POLL) => {}
-            _ = stop.wait_for(|s| *s) => return,
+        loop {
+            let after = self.after;
+            let Ok(items) = node.read(move |e| after(e, cursor, PAGE)).await else {
+                return;
+            };
+            if let Some(first) = items.first().map(self.seq)
+                && first > cursor + 1
+            {
+                tracing::warn!(
+                    target: "tally::event_log",
+                    ring = self.target,
+                    from = cursor + 1,
+                    to = first - 1,
+                    "{} dropped before they were logged (more than {} behind)",
+                    self.what,
+                    self.kept
+                );
+            }
+            let full = items.len() == PAGE;
+            for item in &items {
+                (self.log)(item);
+                cursor = (self.seq)(item);
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(EVENT_LOG_POLL) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
         }
     }
+}
+
+fn log_audit(r: &AuditRecord) {
+    tracing::info!(
+        target: AUDIT_TARGET,
+        seq = r.seq,
+        at_ms = r.at_ms,
+        actor = %r.actor.name,
+        role = %r.actor.role,
+        action = %r.action,
+        target = %r.target,
+        before = r.before.as_deref().unwrap_or(""),
+        after = r.after.as_deref().unwrap_or(""),
+        error = r.error.as_deref().unwrap_or(""),
+        "audit"
+    );
 }
 
 fn log(e: &Event) {

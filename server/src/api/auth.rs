@@ -4,7 +4,7 @@
 //! Roles are ordered, `admin` ⊇ `billing` ⊇ `read-only`: a token may call what its role and
 //! every lower role may. What each method needs is [`access_for`]:
 //! - `tally.v1.Cluster` Init, AddLearner, Promote, Remove: admin; Status: read-only.
-//! - `tally.v1.Admin` (GetStatus, ListLimits): read-only.
+//! - `tally.v1.Admin` (GetStatus, ListLimits), `tally.v1.Audit/ListAudit`: read-only.
 //! - `tally.v1.Usage` SetPrices: admin; ListPrices, QueryUsage, GetUsageOverview,
 //!   ExportUsage, WatchEvents: billing; ReportUsage, Reserve, Commit, Release: open. They are
 //!   the gateways' data path (like Envoy's RLS, which is not guarded at all): anyone who
@@ -142,6 +142,7 @@ pub fn access_for(path: &str) -> Access {
         // Authenticated by the asking key's own secret (or an admin token: checked inside).
         ("tally.v1.Keys", "CreateEphemeralKey") => Open,
         ("tally.v1.Keys", "ListKeys" | "GetKey" | "ListSubscriptions") => Needs(ReadOnly),
+        ("tally.v1.Audit", "ListAudit") => Needs(ReadOnly),
         (
             "tally.v1.Usage",
             "ListPrices" | "QueryUsage" | "GetUsageOverview" | "ExportUsage" | "WatchEvents",

@@ -11,11 +11,13 @@ use tally_proto::tally::v1 as wire;
 use tally_proto::tally::v1::keys_server;
 use tonic::{Request, Response, Status};
 
+use super::audit::{actor, audited};
 use super::auth::Caller;
 use super::deadline;
 use super::key_secret;
 use super::status;
 use crate::engine::access::{Authorize, CLASSIFICATIONS, KeyView, NewKey, Subscription};
+use crate::engine::audit::Actor;
 use crate::engine::{Command, CommandError, Engine, Outcome};
 use crate::node::Node;
 
@@ -67,6 +69,7 @@ impl Keys {
     /// Creates a key with a fresh id and secret; answers it with the secret.
     async fn create(
         &self,
+        actor: &Actor,
         mut key: NewKey,
         deadline: Option<Duration>,
     ) -> Result<wire::KeyWithSecret, Status> {
@@ -74,20 +77,13 @@ impl Keys {
         let secret = key_secret::generate(&key.id);
         key.secret_sha256 = key_secret::hash(&secret);
         key.validate()?;
-        let view = self.key_outcome(Command::CreateKey(key), deadline).await?;
+        let command = audited(actor, Command::CreateKey(key));
+        let view = self.key_outcome(command, deadline).await?;
         Ok(wire::KeyWithSecret {
             key: Some(view.into()),
             secret,
         })
     }
-}
-
-/// The name of whoever made the call (the admin token's name), for the record.
-fn caller<T>(request: &Request<T>) -> String {
-    request
-        .extensions()
-        .get::<Caller>()
-        .map_or_else(|| "unknown".to_owned(), |c| c.name.to_string())
 }
 
 fn labels(wire: Vec<wire::Label>) -> Vec<(String, String)> {
@@ -112,7 +108,7 @@ impl keys_server::Keys for Keys {
         request: Request<wire::CreateKeyRequest>,
     ) -> Result<Response<wire::KeyWithSecret>, Status> {
         let deadline = deadline::of(&request);
-        let created_by = caller(&request);
+        let actor = actor(&request);
         let r = request.into_inner();
         let subscription = match (r.legacy, r.subscription.is_empty()) {
             (true, true) => None,
@@ -137,9 +133,9 @@ impl keys_server::Keys for Keys {
             expires_ms: expiry(r.expires_ms)?,
             ephemeral: false,
             secret_sha256: [0; 32],
-            created_by,
+            created_by: actor.name.clone(),
         };
-        Ok(Response::new(self.create(key, deadline).await?))
+        Ok(Response::new(self.create(&actor, key, deadline).await?))
     }
 
     async fn list_keys(
@@ -171,11 +167,15 @@ impl keys_server::Keys for Keys {
         request: Request<wire::SetKeyEnabledRequest>,
     ) -> Result<Response<wire::Key>, Status> {
         let deadline = deadline::of(&request);
+        let actor = actor(&request);
         let r = request.into_inner();
-        let command = Command::SetKeyEnabled {
-            id: r.id,
-            enabled: r.enabled,
-        };
+        let command = audited(
+            &actor,
+            Command::SetKeyEnabled {
+                id: r.id,
+                enabled: r.enabled,
+            },
+        );
         Ok(Response::new(
             self.key_outcome(command, deadline).await?.into(),
         ))
@@ -186,8 +186,12 @@ impl keys_server::Keys for Keys {
         request: Request<wire::DeleteKeyRequest>,
     ) -> Result<Response<wire::DeleteKeyResponse>, Status> {
         let deadline = deadline::of(&request);
+        let actor = actor(&request);
         let id = request.into_inner().id;
-        match self.propose(Command::DeleteKey { id }, deadline).await? {
+        match self
+            .propose(audited(&actor, Command::DeleteKey { id }), deadline)
+            .await?
+        {
             Outcome::KeyDeleted { id } => Ok(Response::new(wire::DeleteKeyResponse { id })),
             other => Err(status::unexpected(&other)),
         }
@@ -198,13 +202,17 @@ impl keys_server::Keys for Keys {
         request: Request<wire::RotateKeyRequest>,
     ) -> Result<Response<wire::KeyWithSecret>, Status> {
         let deadline = deadline::of(&request);
+        let actor = actor(&request);
         let r = request.into_inner();
         let secret = key_secret::generate(&r.id);
-        let command = Command::RotateKey {
-            secret_sha256: key_secret::hash(&secret),
-            id: r.id,
-            grace_ms: r.grace_ms,
-        };
+        let command = audited(
+            &actor,
+            Command::RotateKey {
+                secret_sha256: key_secret::hash(&secret),
+                id: r.id,
+                grace_ms: r.grace_ms,
+            },
+        );
         let view = self.key_outcome(command, deadline).await?;
         Ok(Response::new(wire::KeyWithSecret {
             key: Some(view.into()),
@@ -230,7 +238,7 @@ impl keys_server::Keys for Keys {
             }
             t => t,
         };
-        let (subscription, created_by) = self.ephemeral_parent(&r, admin, deadline).await?;
+        let (subscription, actor) = self.ephemeral_parent(&r, admin, deadline).await?;
         let now_ms = self.read(deadline, Engine::last_ms).await?;
         let key = NewKey {
             id: String::new(),
@@ -239,15 +247,15 @@ impl keys_server::Keys for Keys {
             } else {
                 r.name
             },
-            description: format!("ephemeral key issued to {created_by}"),
+            description: format!("ephemeral key issued to {}", actor.name),
             subscription,
             labels: Vec::new(),
             expires_ms: Some(now_ms.saturating_add(ttl_ms as i64)),
             ephemeral: true,
             secret_sha256: [0; 32],
-            created_by,
+            created_by: actor.name.clone(),
         };
-        Ok(Response::new(self.create(key, deadline).await?))
+        Ok(Response::new(self.create(&actor, key, deadline).await?))
     }
 
     async fn list_subscriptions(
@@ -273,6 +281,7 @@ impl keys_server::Keys for Keys {
         request: Request<wire::PutSubscriptionsRequest>,
     ) -> Result<Response<wire::ListSubscriptionsResponse>, Status> {
         let deadline = deadline::of(&request);
+        let actor = actor(&request);
         let r = request.into_inner();
         let mode = wire::PutMode::try_from(r.mode)
             .map_err(|_| CommandError::invalid("mode", format!("unknown mode {}", r.mode)))?;
@@ -286,7 +295,8 @@ impl keys_server::Keys for Keys {
             .await?;
         check_mode(mode, &names, &in_force)?;
         for s in list {
-            match self.propose(Command::PutSubscription(s), deadline).await? {
+            let command = audited(&actor, Command::PutSubscription(s));
+            match self.propose(command, deadline).await? {
                 Outcome::SubscriptionsChanged { .. } => {}
                 other => return Err(status::unexpected(&other)),
             }
@@ -310,8 +320,9 @@ impl keys_server::Keys for Keys {
         request: Request<wire::DeleteSubscriptionRequest>,
     ) -> Result<Response<wire::DeleteSubscriptionResponse>, Status> {
         let deadline = deadline::of(&request);
+        let actor = actor(&request);
         let name = request.into_inner().name;
-        let command = Command::DeleteSubscription { name: name.clone() };
+        let command = audited(&actor, Command::DeleteSubscription { name: name.clone() });
         match self.propose(command, deadline).await? {
             Outcome::SubscriptionsChanged { .. } => {
                 Ok(Response::new(wire::DeleteSubscriptionResponse { name }))
@@ -356,7 +367,7 @@ impl Keys {
         r: &wire::CreateEphemeralKeyRequest,
         admin: Option<Caller>,
         deadline: Option<Duration>,
-    ) -> Result<(Option<String>, String), Status> {
+    ) -> Result<(Option<String>, Actor), Status> {
         if r.api_key.is_empty() {
             let Some(admin) = admin.filter(|c| c.role == super::auth::Role::Admin) else {
                 return Err(Status::unauthenticated(
@@ -368,7 +379,7 @@ impl Keys {
                     CommandError::invalid("subscription", "required when an admin asks").into(),
                 );
             }
-            return Ok((Some(r.subscription.clone()), admin.name.to_string()));
+            return Ok((Some(r.subscription.clone()), Actor::from(&admin)));
         }
         let Some(id) = key_secret::parse(&r.api_key) else {
             return Err(Status::unauthenticated("malformed api_key"));
@@ -381,7 +392,8 @@ impl Keys {
         });
         match self.propose(authorize, deadline).await? {
             Outcome::Authorized(Ok(grant)) => {
-                Ok((grant.subscription, format!("key {}", grant.key_id)))
+                let actor = Actor::from_parts(&format!("key {}", grant.key_id), "key");
+                Ok((grant.subscription, actor))
             }
             Outcome::Authorized(Err(denial)) if denial.is_unauthenticated() => {
                 Err(Status::unauthenticated(denial.to_string()))

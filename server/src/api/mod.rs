@@ -10,6 +10,8 @@
 //! - `auth`: bearer tokens with roles in front of `tally.v1.Admin`, `tally.v1.Usage` and
 //!   `tally.v1.Cluster` ([`auth::AuthLayer`]); loopback only while no token is configured.
 //! - `admin`: `tally.v1.Admin` (status, limits in force).
+//! - `audit`: `tally.v1.Audit` (the audit log), and the caller of an admin call as the
+//!   engine's `Actor` (every admin change is proposed as `Command::Audited`).
 //! - `authz`: API keys at the edge: Envoy's ext_authz `envoy.service.auth.v3.Authorization`
 //!   and `tally.v1.Models` (never behind admin tokens: the key is the credential), with the
 //!   wire ⇄ domain conversions in `authz_convert`; `key_secret`: the secrets' format.
@@ -22,6 +24,7 @@
 //! Architecture invariant: no protobuf type crosses into `engine` or `node`.
 
 mod admin;
+pub mod audit;
 pub mod auth;
 pub mod authz;
 mod authz_convert;
@@ -44,6 +47,7 @@ use tally_proto::envoy::service::auth::v3::authorization_server::AuthorizationSe
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitServiceServer as KuadrantServer;
 use tally_proto::tally::v1::admin_server::AdminServer;
+use tally_proto::tally::v1::audit_server::AuditServer;
 use tally_proto::tally::v1::keys_server::KeysServer;
 use tally_proto::tally::v1::models_server::ModelsServer;
 use tally_proto::tally::v1::usage_server::UsageServer;
@@ -126,8 +130,10 @@ pub async fn grpc_routes_secured(
     let ext_authz =
         AuthorizationServer::new(authz.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let models = ModelsServer::new(authz);
+    let audit = guard.layer(AuditServer::new(audit::Audit::new(node.clone())));
     let admin = guard.layer(AdminServer::new(admin::Admin::new(node)));
     Routes::new(rls)
+        .add_service(audit)
         .add_service(keys)
         .add_service(kuadrant)
         .add_service(admin)

@@ -129,9 +129,11 @@ impl usage_server::Usage for Usage {
         request: Request<wire::SetPricesRequest>,
     ) -> Result<Response<wire::SetPricesResponse>, Status> {
         let deadline = deadline::of(&request);
+        let actor = super::audit::actor(&request);
         let catalog = PriceCatalog::from(request.into_inner());
         catalog.validate()?;
-        match self.propose(Command::SetPrices(catalog), deadline).await? {
+        let command = super::audit::audited(&actor, Command::SetPrices(catalog));
+        match self.propose(command, deadline).await? {
             Outcome::PricesSet { version } => {
                 Ok(Response::new(wire::SetPricesResponse { version }))
             }

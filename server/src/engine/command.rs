@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::limits::{LimitSet, Unit};
-use super::{access, usage};
+use super::{access, audit, usage};
 
 /// Most descriptors one request may carry.
 pub const MAX_DESCRIPTORS: usize = 64;
@@ -65,6 +65,11 @@ pub enum Command {
     DeleteSubscription { name: String },
     /// May this key make this request (now)?
     Authorize(access::Authorize),
+    /// An admin change with who asked for it: applied, then recorded in the audit log
+    /// (refused ones too). Its outcome is the change's own.
+    Audited(Box<audit::Audited>),
+    /// Records a change made outside the engine (cluster membership) in the audit log.
+    AuditNote(audit::AuditNote),
 }
 
 /// A rate-limit request, in domain terms.
@@ -185,6 +190,10 @@ pub enum Outcome {
         quotas: u64,
     },
     Authorized(access::Authorization),
+    /// After AuditNote: the record's seq.
+    AuditRecorded {
+        seq: u64,
+    },
 }
 
 /// Why the engine refused a command. Nothing of a rejected command was applied.
@@ -247,6 +256,10 @@ impl Command {
             Command::RotateKey { id, .. } => 48 + id.len(),
             Command::DeleteSubscription { name } => 8 + name.len(),
             Command::Authorize(a) => 48 + a.key_id.len() + a.model.as_ref().map_or(0, String::len),
+            Command::Audited(a) => {
+                16 + a.actor.name.len() + a.actor.role.len() + a.command.estimated_bytes()
+            }
+            Command::AuditNote(_) => postcard::to_allocvec(self).map_or(usize::MAX, |v| v.len()),
         }
     }
 }

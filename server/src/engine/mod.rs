@@ -15,12 +15,14 @@
 //! - [`cel`]: CEL expressions of Limitador-format limits.
 //! - [`access`]: API keys and subscriptions as plain data; `keys`: their table,
 //!   authorization, and the quotas subscriptions become.
+//! - [`audit`]: the audit log of admin changes (who, what, when, before and after).
 //! - `snapshot`: the whole state to bytes and back.
 //!
 //! Architecture invariant: batch time never goes backwards inside the engine; a batch stamped
 //! earlier than the last one is applied at the last one's time.
 
 pub mod access;
+pub mod audit;
 pub mod calendar;
 pub mod cel;
 pub mod command;
@@ -161,6 +163,8 @@ pub struct Engine {
     meter: meter::Meter,
     /// API keys and subscriptions.
     keys: keys::Keys,
+    /// Admin changes: who, what, when, before and after.
+    audit: audit::AuditLog,
 }
 
 impl Engine {
@@ -177,6 +181,7 @@ impl Engine {
             retired_nodes: std::collections::BTreeSet::new(),
             meter: meter::Meter::default(),
             keys: keys::Keys::default(),
+            audit: audit::AuditLog::default(),
         }
     }
 
@@ -249,6 +254,11 @@ impl Engine {
             | Command::PutSubscription(_)
             | Command::DeleteSubscription { .. }
             | Command::Authorize(_) => self.apply_access(command, now_ms),
+            Command::Audited(audited) if matches!(audited.command, Command::Audited(_)) => Err(
+                CommandError::invalid("command", "an audited change may not nest another"),
+            ),
+            Command::Audited(audited) => Ok(self.apply_audited(audited, now_ms)),
+            Command::AuditNote(note) => self.apply_audit_note(note, now_ms),
             Command::ReplaceLimits(set) => {
                 self.registry
                     .replace(set)

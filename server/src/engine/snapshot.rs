@@ -1,6 +1,6 @@
 //! The engine's whole replicated state to bytes and back.
 //!
-//! Format: the 8-byte magic `TALLYSN3`, then a postcard-encoded [`Body`].
+//! Format: the 8-byte magic `TALLYSN4`, then a postcard-encoded [`Body`].
 //!
 //! The counter table is written exactly as it is: in table order, idle counters included,
 //! with the reclamation cursor. The table's size decides whether a request that needs a new
@@ -15,7 +15,7 @@ use super::registry::Registry;
 use super::window::{CounterState, Window};
 use super::{Engine, EngineSettings, calendar};
 
-const MAGIC: &[u8; 8] = b"TALLYSN3";
+const MAGIC: &[u8; 8] = b"TALLYSN4";
 
 #[derive(Serialize, Deserialize)]
 struct Body {
@@ -29,6 +29,7 @@ struct Body {
     retired_nodes: Vec<u64>,
     meter: super::meter::MeterImage,
     keys: super::keys::Keys,
+    audit: super::audit::AuditLog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +44,8 @@ pub enum SnapshotError {
     Counter(String),
     #[error("snapshot holds invalid metering state: {0}")]
     Meter(String),
+    #[error("snapshot holds an invalid audit log: {0}")]
+    Audit(String),
 }
 
 impl Engine {
@@ -69,6 +72,7 @@ impl Engine {
             retired_nodes: self.retired_nodes.iter().copied().collect(),
             meter: self.meter.image(),
             keys: self.keys.clone(),
+            audit: self.audit.clone(),
         };
         let mut out = MAGIC.to_vec();
         postcard::to_io(&body, &mut out).expect("writing to a Vec cannot fail");
@@ -92,6 +96,8 @@ impl Engine {
         engine.retired_nodes = body.retired_nodes.into_iter().collect();
         engine.meter = super::meter::Meter::from_image(body.meter).map_err(SnapshotError::Meter)?;
         engine.keys = body.keys;
+        body.audit.check().map_err(SnapshotError::Audit)?;
+        engine.audit = body.audit;
         engine.registry = registry;
         engine.counters = Counters::default();
         for (key, state) in body.counters {
