@@ -5,7 +5,8 @@ use crate::proto::tally::v1::keys_client::KeysClient;
 use crate::proto::tally::v1::{
     CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest, DeleteSubscriptionRequest,
     GetKeyRequest, Key, KeyWithSecret, ListKeysRequest, ListSubscriptionsRequest, PutMode,
-    PutSubscriptionsRequest, RotateKeyRequest, SetKeyEnabledRequest, Subscription,
+    PutSubscriptionsRequest, RotateKeyRequest, SetKeyEnabledRequest, SetKeyOverridesRequest,
+    Subscription,
 };
 use crate::{ClientError, TallyClient, format_time_ms, format_usd, table};
 
@@ -71,6 +72,18 @@ impl TallyClient {
     ) -> Result<KeyWithSecret, ClientError> {
         let mut client = KeysClient::new(self.channel.clone());
         self.call(client.create_ephemeral_key(self.request(request)))
+            .await
+    }
+
+    /// `tally.v1.Keys/SetKeyOverrides`: replaces a key's overrides of its subscription's
+    /// fields (`document` in the config's syntax without `name`; empty: none).
+    pub async fn set_key_overrides(&self, id: &str, document: String) -> Result<Key, ClientError> {
+        let mut client = KeysClient::new(self.channel.clone());
+        let request = SetKeyOverridesRequest {
+            id: id.to_owned(),
+            document,
+        };
+        self.call(client.set_key_overrides(self.request(request)))
             .await
     }
 
@@ -185,6 +198,13 @@ pub fn key_json(k: &Key) -> serde_json::Value {
         "last_used_ms": k.last_used_ms,
         "rotated_ms": k.rotated_ms,
         "previous_valid_until_ms": k.previous_valid_until_ms,
+        "overrides": if k.overrides_json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&k.overrides_json)
+                .unwrap_or_else(|_| serde_json::Value::String(k.overrides_json.clone()))
+        },
+        "effective": k.effective.as_ref().map(subscription_json),
     })
 }
 

@@ -28,6 +28,21 @@ pub enum KeysCommand {
         /// A key with no subscription and no limits
         #[arg(long, conflicts_with = "subscription")]
         legacy: bool,
+        /// This key's own values for fields of its subscription: a file in the config's
+        /// subscription syntax without `name` (e.g. `requests_per_minute: 100`)
+        #[arg(long, value_name = "PATH", conflicts_with = "legacy")]
+        overrides_file: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a key's overrides of its subscription's fields (from --file, in the config's
+    /// subscription syntax without `name`), or --clear them (back to the tier's values)
+    Override {
+        id: String,
+        #[arg(long, value_name = "PATH", required_unless_present = "clear")]
+        file: Option<std::path::PathBuf>,
+        #[arg(long, conflicts_with = "file")]
+        clear: bool,
         #[arg(long)]
         json: bool,
     },
@@ -106,6 +121,13 @@ fn label_arg(s: &str) -> Result<Label, String> {
     })
 }
 
+fn read_file(path: &std::path::Path, what: &str) -> Result<String, ClientError> {
+    std::fs::read_to_string(path).map_err(|e| ClientError::InvalidInput {
+        what: format!("{what} {}", path.display()),
+        reason: e.to_string(),
+    })
+}
+
 fn print_secret(made: &KeyWithSecret, json: bool) {
     let key = made.key.clone().unwrap_or_default();
     if json {
@@ -129,6 +151,7 @@ pub async fn run_keys(client: &TallyClient, command: KeysCommand) -> Result<u8, 
             labels,
             expires_ms,
             legacy,
+            overrides_file,
             json,
         } => {
             let request = CreateKeyRequest {
@@ -138,6 +161,10 @@ pub async fn run_keys(client: &TallyClient, command: KeysCommand) -> Result<u8, 
                 labels,
                 expires_ms,
                 legacy,
+                overrides: match overrides_file {
+                    Some(path) => read_file(&path, "overrides file")?,
+                    None => String::new(),
+                },
             };
             print_secret(&client.create_key(request).await?, json);
         }
@@ -156,6 +183,9 @@ pub async fn run_keys(client: &TallyClient, command: KeysCommand) -> Result<u8, 
                 println!("{}", key_json(&key));
             } else {
                 print!("{}", render_keys(std::slice::from_ref(&key)));
+                if !key.overrides_json.is_empty() {
+                    println!("overrides: {}", key.overrides_json);
+                }
             }
         }
         KeysCommand::Disable { id } => {
@@ -169,6 +199,25 @@ pub async fn run_keys(client: &TallyClient, command: KeysCommand) -> Result<u8, 
         KeysCommand::Delete { id } => {
             client.delete_key(&id).await?;
             println!("key {id} deleted for good");
+        }
+        KeysCommand::Override {
+            id,
+            file,
+            clear: _,
+            json,
+        } => {
+            let document = match file {
+                Some(path) => read_file(&path, "overrides file")?,
+                None => String::new(),
+            };
+            let key = client.set_key_overrides(&id, document).await?;
+            if json {
+                println!("{}", key_json(&key));
+            } else if key.overrides_json.is_empty() {
+                println!("key {id}: no overrides (its subscription's values apply)");
+            } else {
+                println!("key {id} overrides: {}", key.overrides_json);
+            }
         }
         KeysCommand::Rotate { id, grace_ms, json } => {
             print_secret(&client.rotate_key(&id, grace_ms).await?, json);
@@ -205,10 +254,7 @@ pub async fn run_subscriptions(
         }
         _ => return show_subscriptions(client, command).await,
     };
-    let document = std::fs::read_to_string(file).map_err(|e| ClientError::InvalidInput {
-        what: format!("subscriptions file {}", file.display()),
-        reason: e.to_string(),
-    })?;
+    let document = read_file(file, "subscriptions file")?;
     let put = client.put_subscriptions(document, mode).await?;
     print!("{}", render_subscriptions(&put));
     Ok(0)

@@ -134,6 +134,61 @@ async fn keys_are_created_listed_disabled_rotated_and_deleted_from_the_command_l
     assert_ne!(bound.code, 0);
     assert!(bound.stderr.contains("bound"), "{}", bound.stderr);
 
+    // Per-key overrides from a file; shown, and cleared.
+    let made = tally(
+        &addr,
+        &[
+            "keys",
+            "create",
+            "--name",
+            "vip",
+            "--subscription",
+            "free",
+            "--json",
+        ],
+    )
+    .await;
+    let made: serde_json::Value = serde_json::from_str(ok(&made)).unwrap();
+    let vip = made["key"]["id"].as_str().unwrap().to_owned();
+    let over = dir.path().join("vip.yaml");
+    std::fs::write(
+        &over,
+        "requests_per_minute: 50\nmodels: [gpt-4o-mini, gpt-4o]\n",
+    )
+    .unwrap();
+    let over = over.to_str().unwrap();
+    ok(&tally(&addr, &["keys", "override", &vip, "--file", over]).await);
+    let shown = tally(&addr, &["keys", "show", &vip, "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(ok(&shown)).unwrap();
+    assert_eq!(shown["overrides"]["requests_per_minute"], 50);
+    assert_eq!(shown["effective"]["requests_per_minute"], 50);
+    assert_eq!(
+        shown["effective"]["tokens_per_minute"], 100,
+        "the tier's value"
+    );
+    let table = tally(&addr, &["keys", "show", &vip]).await;
+    assert!(ok(&table).contains("overrides:"), "{}", table.stdout);
+    std::fs::write(dir.path().join("bad.yaml"), "requests_per_minute: 0\n").unwrap();
+    let bad_path = dir.path().join("bad.yaml");
+    let bad = tally(
+        &addr,
+        &[
+            "keys",
+            "override",
+            &vip,
+            "--file",
+            bad_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("requests_per_minute"), "{}", bad.stderr);
+    ok(&tally(&addr, &["keys", "override", &vip, "--clear"]).await);
+    let shown = tally(&addr, &["keys", "show", &vip, "--json"]).await;
+    let shown: serde_json::Value = serde_json::from_str(ok(&shown)).unwrap();
+    assert!(shown["overrides"].is_null(), "{shown}");
+    assert_eq!(shown["effective"]["requests_per_minute"], 5);
+
     // Every change above is in the audit log, by the loopback caller (no tokens here).
     let audit = tally(&addr, &["audit", "--target", &id]).await;
     let table = ok(&audit);

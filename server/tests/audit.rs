@@ -284,6 +284,7 @@ fn new_key(id: &str) -> NewKey {
         ephemeral: false,
         secret_sha256: [7; 32],
         created_by: "ops".into(),
+        overrides: None,
     }
 }
 

@@ -21,7 +21,7 @@ use tally_proto::envoy::service::auth::v3::{AttributeContext, CheckRequest, Chec
 use tally_proto::tally::v1::ListModelsRequest;
 use tally_proto::tally::v1::models_client::ModelsClient;
 use tally_server::api::key_secret;
-use tally_server::engine::access::{NewKey, Subscription};
+use tally_server::engine::access::{KeyOverrides, NewKey, Subscription};
 use tally_server::engine::usage::{ModelPrice, PriceCatalog};
 use tally_server::engine::{Command, Outcome};
 use tally_server::node::Node;
@@ -83,6 +83,7 @@ async fn new_key(
             ephemeral: false,
             secret_sha256: key_secret::hash(&secret),
             created_by: "test".into(),
+            overrides: None,
         }),
     )
     .await;
@@ -825,6 +826,31 @@ async fn the_headers_check_returns_drive_the_subscription_limits_in_should_rate_
             "the third request within the minute"
         );
         assert_eq!(request_once(&b).await, Code::Ok, "another key has its own");
+        // A key with its own requests-per-minute: 4, while the tier keeps 2 for the others.
+        propose(
+            &node,
+            Command::SetKeyOverrides {
+                id: B.into(),
+                overrides: Some(KeyOverrides {
+                    requests_per_minute: Some(4),
+                    ..KeyOverrides::default()
+                }),
+            },
+        )
+        .await;
+        for i in 0..4 {
+            assert_eq!(
+                request_once(&b).await,
+                Code::Ok,
+                "b's request {i} of its own 4"
+            );
+        }
+        assert_eq!(request_once(&b).await, Code::OverLimit, "b's fifth");
+        assert_eq!(
+            request_once(&a).await,
+            Code::OverLimit,
+            "a still at the tier's 2"
+        );
         k.assert_never_shown(&[&a, &b]);
         t.stop().await;
     })

@@ -2,7 +2,9 @@
 //! permanent deletion, rotation grace, exact expiry, debounced last-used, and the quotas a
 //! subscription's limits become.
 
-use tally_server::engine::access::{Authorize, Budget, Denial, NewKey, SecretHash, Subscription};
+use tally_server::engine::access::{
+    Authorize, Budget, Denial, KeyOverrides, NewKey, SecretHash, Subscription,
+};
 use tally_server::engine::limits::{CalendarUnit, WindowSpec};
 use tally_server::engine::usage::{
     Attribution, Enforcement, Metric, QuotaSet, Reserve, Tokens, UsageResult,
@@ -55,7 +57,18 @@ fn key(id: &str, secret: &str, subscription: Option<&str>) -> Command {
         ephemeral: false,
         secret_sha256: hash(secret),
         created_by: "test".into(),
+        overrides: None,
     })
+}
+
+fn with_overrides(command: Command, overrides: KeyOverrides) -> Command {
+    match command {
+        Command::CreateKey(k) => Command::CreateKey(NewKey {
+            overrides: Some(overrides),
+            ..k
+        }),
+        other => other,
+    }
 }
 
 fn auth(id: &str, secret: &str, model: Option<&str>, class: Option<u8>) -> Command {
@@ -341,4 +354,89 @@ fn keys_and_subscriptions_survive_a_snapshot_and_hold_no_secret() {
         !bytes.windows(20).any(|w| w == &SECRET.as_bytes()[20..40]),
         "nor part of one"
     );
+}
+
+#[test]
+fn a_key_overrides_its_subscription_without_disturbing_the_other_keys() {
+    let mut e = engine();
+    let admitted = |o: &Outcome| matches!(o, Outcome::Usage(r) if matches!(r.result, UsageResult::Reserved { .. }));
+    // Key A fills its tier's in-flight cap (2).
+    assert!(admitted(&one(&mut e, T0, reserve("a1", A, 10))));
+    assert!(admitted(&one(&mut e, T0, reserve("a2", A, 10))));
+    const C: &str = "cccccccccccccccc";
+    let more = KeyOverrides {
+        allowed_models: Some(vec!["small".into(), "large".into()]),
+        max_classification: Some(2),
+        max_concurrent: Some(3),
+        ..KeyOverrides::default()
+    };
+    let out = one(
+        &mut e,
+        T0,
+        with_overrides(key(C, "sc", Some("free")), more.clone()),
+    );
+    assert!(
+        matches!(&out, Outcome::Key(v) if v.overrides == Some(more.clone())),
+        "{out:?}"
+    );
+    let names: Vec<&str> = e.quotas().map(|q| q.name.as_str()).collect();
+    assert!(
+        names.contains(&"sub:free:concurrent@cccccccccccccccc"),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.len(),
+        8,
+        "the tier's four and C's own four: {names:?}"
+    );
+    // The tier's counters were kept: A is still at its cap.
+    assert!(!admitted(&one(&mut e, T0, reserve("a3", A, 10))));
+    // C has its own cap of 3, and its own limits for models and classification.
+    for r in ["c1", "c2", "c3"] {
+        assert!(admitted(&one(&mut e, T0, reserve(r, C, 10))), "{r}");
+    }
+    assert!(!admitted(&one(&mut e, T0, reserve("c4", C, 10))));
+    assert_eq!(
+        verdict(&one(&mut e, T0, auth(C, "sc", Some("large"), Some(2)))),
+        Ok(C.into())
+    );
+    assert!(verdict(&one(&mut e, T0, auth(A, "sa", Some("large"), None))).is_err());
+    assert_eq!(e.effective_subscription(C).unwrap().max_concurrent, Some(3));
+    assert_eq!(e.effective_subscription(A).unwrap(), free());
+    // Survives a snapshot.
+    let restored = Engine::restore(&e.snapshot()).unwrap();
+    assert_eq!(restored.snapshot(), e.snapshot());
+
+    // Bad overrides are refused naming the field, and change nothing.
+    let before = e.snapshot();
+    let zero = KeyOverrides {
+        requests_per_minute: Some(0),
+        ..KeyOverrides::default()
+    };
+    let set = |id: &str, overrides| Command::SetKeyOverrides {
+        id: id.into(),
+        overrides,
+    };
+    let out = one(&mut e, T0, set(C, Some(zero)));
+    assert!(
+        matches!(&out, Outcome::Rejected(CommandError::Invalid { field, .. }) if field == "overrides.requests_per_minute"),
+        "{out:?}"
+    );
+    let out = one(&mut e, T0, with_overrides(key(B, "sb", None), more.clone()));
+    assert!(matches!(out, Outcome::Rejected(_)), "a legacy key: {out:?}");
+    assert_eq!(e.snapshot().len(), before.len());
+
+    // Cleared: C is the tier's again.
+    let out = one(&mut e, T0, set(C, None));
+    assert!(
+        matches!(&out, Outcome::Key(v) if v.overrides.is_none()),
+        "{out:?}"
+    );
+    assert_eq!(e.quotas().count(), 4);
+    assert!(verdict(&one(&mut e, T0, auth(C, "sc", Some("large"), None))).is_err());
+    // A key deleted with overrides takes its quotas with it.
+    one(&mut e, T0, set(C, Some(more)));
+    assert_eq!(e.quotas().count(), 8);
+    one(&mut e, T0, Command::DeleteKey { id: C.into() });
+    assert_eq!(e.quotas().count(), 4);
 }

@@ -16,7 +16,9 @@ use super::auth::Caller;
 use super::deadline;
 use super::key_secret;
 use super::status;
-use crate::engine::access::{Authorize, CLASSIFICATIONS, KeyView, NewKey, Subscription};
+use crate::engine::access::{
+    Authorize, CLASSIFICATIONS, KeyOverrides, KeyView, NewKey, Subscription,
+};
 use crate::engine::audit::Actor;
 use crate::engine::{Command, CommandError, Engine, Outcome};
 use crate::node::Node;
@@ -86,6 +88,24 @@ impl Keys {
     }
 }
 
+/// A key as shown by reads: with its subscription as it applies to it.
+fn with_effective(e: &Engine, k: KeyView) -> wire::Key {
+    let effective = e
+        .effective_subscription(&k.id)
+        .map(wire::Subscription::from);
+    wire::Key {
+        effective,
+        ..k.into()
+    }
+}
+
+/// A key-overrides document (empty: none); its errors name the request field.
+fn overrides(document: &str, field: &str) -> Result<Option<KeyOverrides>, Status> {
+    let parsed = crate::config::subscriptions::parse_key_overrides(document, field)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    Ok((!parsed.is_empty()).then_some(parsed))
+}
+
 fn labels(wire: Vec<wire::Label>) -> Vec<(String, String)> {
     wire.into_iter().map(|l| (l.key, l.value)).collect()
 }
@@ -134,6 +154,7 @@ impl keys_server::Keys for Keys {
             ephemeral: false,
             secret_sha256: [0; 32],
             created_by: actor.name.clone(),
+            overrides: overrides(&r.overrides, "overrides")?,
         };
         Ok(Response::new(self.create(&actor, key, deadline).await?))
     }
@@ -145,7 +166,10 @@ impl keys_server::Keys for Keys {
         let deadline = deadline::of(&request);
         let keys = self
             .read(deadline, |e| {
-                e.keys().into_iter().cloned().map(wire::Key::from).collect()
+                e.keys()
+                    .into_iter()
+                    .map(|k| with_effective(e, k.clone()))
+                    .collect()
             })
             .await?;
         Ok(Response::new(wire::ListKeysResponse { keys }))
@@ -157,8 +181,12 @@ impl keys_server::Keys for Keys {
     ) -> Result<Response<wire::Key>, Status> {
         let deadline = deadline::of(&request);
         let id = request.into_inner().id;
-        let key = self.read(deadline, |e| e.key(&id).cloned()).await?;
-        key.map(|k| Response::new(k.into()))
+        let key = self
+            .read(deadline, |e| {
+                e.key(&id).map(|k| with_effective(e, k.clone()))
+            })
+            .await?;
+        key.map(Response::new)
             .ok_or_else(|| Status::not_found(format!("no key {id:?}")))
     }
 
@@ -254,6 +282,7 @@ impl keys_server::Keys for Keys {
             ephemeral: true,
             secret_sha256: [0; 32],
             created_by: actor.name.clone(),
+            overrides: None,
         };
         Ok(Response::new(self.create(&actor, key, deadline).await?))
     }
@@ -329,6 +358,30 @@ impl keys_server::Keys for Keys {
             }
             other => Err(status::unexpected(&other)),
         }
+    }
+
+    async fn set_key_overrides(
+        &self,
+        request: Request<wire::SetKeyOverridesRequest>,
+    ) -> Result<Response<wire::Key>, Status> {
+        Ok(Response::new(self.set_overrides(request).await?))
+    }
+}
+
+impl Keys {
+    async fn set_overrides(
+        &self,
+        request: Request<wire::SetKeyOverridesRequest>,
+    ) -> Result<wire::Key, Status> {
+        let deadline = deadline::of(&request);
+        let actor = actor(&request);
+        let r = request.into_inner();
+        let command = Command::SetKeyOverrides {
+            overrides: overrides(&r.document, "document")?,
+            id: r.id,
+        };
+        let view = self.key_outcome(audited(&actor, command), deadline).await?;
+        Ok(view.into())
     }
 }
 
@@ -424,6 +477,11 @@ impl From<KeyView> for wire::Key {
             last_used_ms: k.last_used_ms.unwrap_or(0),
             rotated_ms: k.rotated_ms.unwrap_or(0),
             previous_valid_until_ms: k.previous_valid_until_ms.unwrap_or(0),
+            overrides_json: k
+                .overrides
+                .map(|o| crate::engine::audit::object_json(&o))
+                .unwrap_or_default(),
+            effective: None,
         }
     }
 }

@@ -216,6 +216,7 @@ impl TryFrom<wire::UsageFilter> for QuotaFilter {
             subscription: f.subscription,
             model: f.model,
             tag,
+            except_subjects: Vec::new(),
         })
     }
 }

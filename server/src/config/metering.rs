@@ -461,6 +461,7 @@ fn filter(src: &Source<'_>, raw: &FilterRaw, path: &FieldPath) -> Result<QuotaFi
         subscription: raw.subscription.clone(),
         model: raw.model.clone(),
         tag,
+        except_subjects: Vec::new(),
     })
 }
 

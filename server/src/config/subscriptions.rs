@@ -28,7 +28,7 @@ use super::metering::{QuotaRaw, quota};
 use super::native::OrderedMap;
 use super::{ConfigError, FieldPath, Source, show};
 use crate::engine::access::{
-    Budget, CLASSIFICATIONS, MAX_BUDGETS, MAX_SUBSCRIPTIONS, Subscription,
+    Budget, CLASSIFICATIONS, KeyOverrides, MAX_BUDGETS, MAX_SUBSCRIPTIONS, Subscription,
 };
 use crate::engine::usage::Metric;
 
@@ -79,31 +79,8 @@ fn subscription(
     r: &SubscriptionRaw,
     path: &FieldPath,
 ) -> Result<Subscription, ConfigError> {
-    let max_classification = match &r.max_classification {
-        None => None,
-        Some(name) => Some(
-            CLASSIFICATIONS
-                .iter()
-                .position(|c| c == name)
-                .map(|i| i as u8)
-                .ok_or_else(|| {
-                    src.invalid(
-                        &path.key("max_classification"),
-                        format!("{}: one of {}", show(name), CLASSIFICATIONS.join(", ")),
-                    )
-                })?,
-        ),
-    };
-    if r.budgets.len() > MAX_BUDGETS {
-        return Err(src.invalid(
-            &path.key("budgets"),
-            format!("at most {MAX_BUDGETS} budgets"),
-        ));
-    }
-    let mut budgets = Vec::with_capacity(r.budgets.len());
-    for (i, b) in r.budgets.iter().enumerate() {
-        budgets.push(budget(src, b, &path.key("budgets").index(i))?);
-    }
+    let max_classification = classification(src, r.max_classification.as_deref(), path)?;
+    let budgets = budgets(src, &r.budgets, path)?;
     let s = Subscription {
         name: r.name.clone(),
         allowed_models: r.models.clone(),
@@ -126,6 +103,43 @@ fn subscription(
         other => src.invalid(path, other.to_string()),
     })?;
     Ok(s)
+}
+
+fn classification(
+    src: &Source<'_>,
+    name: Option<&str>,
+    path: &FieldPath,
+) -> Result<Option<u8>, ConfigError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    let level = CLASSIFICATIONS
+        .iter()
+        .position(|c| *c == name)
+        .ok_or_else(|| {
+            src.invalid(
+                &path.key("max_classification"),
+                format!("{}: one of {}", show(name), CLASSIFICATIONS.join(", ")),
+            )
+        })?;
+    Ok(Some(level as u8))
+}
+
+fn budgets(
+    src: &Source<'_>,
+    raw: &[QuotaRaw],
+    path: &FieldPath,
+) -> Result<Vec<Budget>, ConfigError> {
+    if raw.len() > MAX_BUDGETS {
+        return Err(src.invalid(
+            &path.key("budgets"),
+            format!("at most {MAX_BUDGETS} budgets"),
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, b)| budget(src, b, &path.key("budgets").index(i)))
+        .collect()
 }
 
 fn budget(src: &Source<'_>, raw: &QuotaRaw, path: &FieldPath) -> Result<Budget, ConfigError> {
@@ -170,4 +184,95 @@ pub fn parse_subscriptions(text: &str, origin: &str) -> Result<Vec<Subscription>
         &file.subscriptions,
         &FieldPath::root().key("subscriptions"),
     )
+}
+
+/// A key's overrides: the fields of a subscription (all optional, no `name`), each one set
+/// replacing the subscription's for that key.
+///
+/// ```yaml
+/// requests_per_minute: 100
+/// models: [gpt-4o, o3-mini]
+/// budgets:
+///   - { name: daily-tokens, metric: total_tokens, limit: 5000, window: { fixed: day } }
+/// ```
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OverridesRaw {
+    #[serde(default)]
+    models: Option<Vec<String>>,
+    #[serde(default)]
+    requests_per_minute: Option<u64>,
+    #[serde(default)]
+    tokens_per_minute: Option<u64>,
+    #[serde(default)]
+    max_concurrent: Option<u64>,
+    #[serde(default)]
+    max_classification: Option<String>,
+    #[serde(default)]
+    labels: Option<OrderedMap<String>>,
+    #[serde(default)]
+    budgets: Option<Vec<QuotaRaw>>,
+}
+
+/// Parses a key-overrides document (YAML or JSON); errors name the line and field. An empty
+/// document is no overrides.
+pub fn parse_key_overrides(text: &str, origin: &str) -> Result<KeyOverrides, ConfigError> {
+    if text.trim().is_empty() {
+        return Ok(KeyOverrides::default());
+    }
+    let src = Source::new(text, origin);
+    let r: OverridesRaw = src.parse()?;
+    let root = FieldPath::root();
+    let overrides = KeyOverrides {
+        allowed_models: r.models.clone(),
+        requests_per_minute: r.requests_per_minute,
+        tokens_per_minute: r.tokens_per_minute,
+        budgets: match &r.budgets {
+            None => None,
+            Some(raw) => Some(budgets(&src, raw, &root)?),
+        },
+        max_classification: classification(&src, r.max_classification.as_deref(), &root)?,
+        max_concurrent: r.max_concurrent,
+        labels: r
+            .labels
+            .as_ref()
+            .map(|m| m.0.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+    };
+    overrides.validate().map_err(|e| match e {
+        crate::engine::CommandError::Invalid { field, reason } => {
+            let field = field
+                .strip_prefix("overrides.")
+                .unwrap_or(&field)
+                .to_owned();
+            let field = field.replace("allowed_models", "models");
+            src.invalid(&root.key(&field), reason)
+        }
+        other => src.invalid(&root, other.to_string()),
+    })?;
+    Ok(overrides)
+}
+
+#[cfg(test)]
+mod override_tests {
+    use super::*;
+
+    #[test]
+    fn overrides_parse_and_their_errors_name_the_field() {
+        let o = parse_key_overrides(
+            "requests_per_minute: 100\nmodels: [gpt-4o]\nmax_classification: internal\n",
+            "doc",
+        )
+        .unwrap();
+        assert_eq!(o.requests_per_minute, Some(100));
+        assert_eq!(o.allowed_models, Some(vec!["gpt-4o".to_owned()]));
+        assert_eq!(o.max_classification, Some(1));
+        assert_eq!(o.budgets, None);
+        assert!(parse_key_overrides("  \n", "doc").unwrap().is_empty());
+        let e = parse_key_overrides("requests_per_minute: 0\n", "doc").unwrap_err();
+        assert!(e.to_string().contains("requests_per_minute"), "{e}");
+        let e = parse_key_overrides("name: gold\n", "doc").unwrap_err();
+        assert!(e.to_string().contains("name"), "{e}");
+        let e = parse_key_overrides("max_classification: secret\n", "doc").unwrap_err();
+        assert!(e.to_string().contains("max_classification"), "{e}");
+    }
 }

@@ -53,6 +53,65 @@ pub struct NewKey {
     pub secret_sha256: SecretHash,
     /// Who asked (token name, or the key that issued an ephemeral key), for the record.
     pub created_by: String,
+    /// This key's own values for some of its subscription's fields.
+    pub overrides: Option<KeyOverrides>,
+}
+
+/// A key's own values for fields of its subscription: each one set replaces the
+/// subscription's for this key alone (its limits become quotas of its own, named
+/// `sub:<tier>:<limit>@<key id>`, and the tier's quotas no longer count it). An override sets
+/// a value; it cannot lift a limit (set it high instead).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyOverrides {
+    /// Models the key may use (empty: every model).
+    pub allowed_models: Option<Vec<String>>,
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    /// Replaces the subscription's whole list of budgets.
+    pub budgets: Option<Vec<Budget>>,
+    pub max_classification: Option<u8>,
+    pub max_concurrent: Option<u64>,
+    /// Replaces the subscription's audit labels.
+    pub labels: Option<Vec<(String, String)>>,
+}
+
+impl KeyOverrides {
+    pub fn is_empty(&self) -> bool {
+        *self == KeyOverrides::default()
+    }
+
+    /// The subscription as it applies to a key with these overrides.
+    pub fn apply(&self, sub: &Subscription) -> Subscription {
+        let or = |mine: Option<u64>, theirs: Option<u64>| mine.or(theirs);
+        Subscription {
+            name: sub.name.clone(),
+            allowed_models: self
+                .allowed_models
+                .clone()
+                .unwrap_or_else(|| sub.allowed_models.clone()),
+            requests_per_minute: or(self.requests_per_minute, sub.requests_per_minute),
+            tokens_per_minute: or(self.tokens_per_minute, sub.tokens_per_minute),
+            budgets: self.budgets.clone().unwrap_or_else(|| sub.budgets.clone()),
+            max_classification: self.max_classification.or(sub.max_classification),
+            max_concurrent: or(self.max_concurrent, sub.max_concurrent),
+            labels: self.labels.clone().unwrap_or_else(|| sub.labels.clone()),
+        }
+    }
+
+    /// Checks the overrides on their own (the subscription's checks, fields named
+    /// `overrides.<field>`).
+    pub fn validate(&self) -> Result<(), CommandError> {
+        let probe = self.apply(&Subscription {
+            name: "overrides".into(),
+            ..Subscription::default()
+        });
+        probe.validate().map_err(|e| match e {
+            CommandError::Invalid { field, reason } => {
+                CommandError::invalid(format!("overrides.{field}"), reason)
+            }
+            other => other,
+        })
+    }
 }
 
 /// A key as shown (never its secret or hash).
@@ -73,6 +132,8 @@ pub struct KeyView {
     /// When the secret was last rotated, and until when the previous one is still accepted.
     pub rotated_ms: Option<i64>,
     pub previous_valid_until_ms: Option<i64>,
+    /// This key's own values for fields of its subscription, if any.
+    pub overrides: Option<KeyOverrides>,
 }
 
 /// One budget of a subscription: a quota per key.
@@ -214,7 +275,15 @@ impl NewKey {
             check_text("subscription", s, true)?;
         }
         check_text("created_by", &self.created_by, false)?;
-        check_labels("labels", &self.labels)
+        check_labels("labels", &self.labels)?;
+        match &self.overrides {
+            Some(_) if self.subscription.is_none() => Err(CommandError::invalid(
+                "overrides",
+                "a legacy key has no subscription to override",
+            )),
+            Some(o) => o.validate(),
+            None => Ok(()),
+        }
     }
 }
 

@@ -343,7 +343,8 @@ impl Engine {
             Command::CreateKey(NewKey { id, .. })
             | Command::SetKeyEnabled { id, .. }
             | Command::DeleteKey { id }
-            | Command::RotateKey { id, .. } => self.key(id).map(object_json),
+            | Command::RotateKey { id, .. }
+            | Command::SetKeyOverrides { id, .. } => self.key(id).map(object_json),
             Command::PutSubscription(Subscription { name, .. })
             | Command::DeleteSubscription { name } => self.keys.subscription(name).map(object_json),
             _ => None,
@@ -365,6 +366,7 @@ fn audit_subject(command: &Command) -> Option<(&'static str, String)> {
         Command::SetKeyEnabled { id, enabled: false } => ("keys.disable", id.clone()),
         Command::DeleteKey { id } => ("keys.delete", id.clone()),
         Command::RotateKey { id, .. } => ("keys.rotate", id.clone()),
+        Command::SetKeyOverrides { id, .. } => ("keys.set-overrides", id.clone()),
         Command::PutSubscription(s) => ("subscriptions.put", s.name.clone()),
         Command::DeleteSubscription { name } => ("subscriptions.delete", name.clone()),
         _ => return None,

@@ -70,6 +70,11 @@ pub enum Command {
     Audited(Box<audit::Audited>),
     /// Records a change made outside the engine (cluster membership) in the audit log.
     AuditNote(audit::AuditNote),
+    /// Replaces a key's overrides of its subscription's fields (`None`: back to the tier's).
+    SetKeyOverrides {
+        id: String,
+        overrides: Option<access::KeyOverrides>,
+    },
 }
 
 /// A rate-limit request, in domain terms.
@@ -180,7 +185,7 @@ pub enum Outcome {
     Rejected(CommandError),
     /// The answer to CheckQuotas.
     QuotaCheck(usage::QuotaCheck),
-    /// A key after CreateKey, SetKeyEnabled or RotateKey.
+    /// A key after CreateKey, SetKeyEnabled, RotateKey or SetKeyOverrides.
     Key(access::KeyView),
     KeyDeleted {
         id: String,
@@ -259,7 +264,9 @@ impl Command {
             Command::Audited(a) => {
                 16 + a.actor.name.len() + a.actor.role.len() + a.command.estimated_bytes()
             }
-            Command::AuditNote(_) => postcard::to_allocvec(self).map_or(usize::MAX, |v| v.len()),
+            Command::AuditNote(_) | Command::SetKeyOverrides { .. } => {
+                postcard::to_allocvec(self).map_or(usize::MAX, |v| v.len())
+            }
         }
     }
 }

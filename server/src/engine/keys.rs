@@ -11,9 +11,9 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
 use super::access::{
-    Authorization, Authorize, CLASSIFICATIONS, Denial, Grant, KeyView, LAST_USED_EVERY_MS,
-    MAX_KEYS, MAX_ROTATION_GRACE_MS, MAX_SUBSCRIPTIONS, NewKey, SecretHash, Subscription,
-    valid_key_id,
+    Authorization, Authorize, CLASSIFICATIONS, Denial, Grant, KeyOverrides, KeyView,
+    LAST_USED_EVERY_MS, MAX_KEYS, MAX_ROTATION_GRACE_MS, MAX_SUBSCRIPTIONS, NewKey, SecretHash,
+    Subscription, valid_key_id,
 };
 use super::command::CommandError;
 use super::limits::WindowSpec;
@@ -76,6 +76,7 @@ impl Keys {
             last_used_ms: None,
             rotated_ms: None,
             previous_valid_until_ms: None,
+            overrides: k.overrides.clone().filter(|o| !o.is_empty()),
         };
         let key = Key {
             view: view.clone(),
@@ -152,7 +153,10 @@ impl Keys {
             .as_ref()
             .and_then(|s| self.subscriptions.get(s))
         {
-            permitted(sub, a)?;
+            match &key.view.overrides {
+                None => permitted(sub, a)?,
+                Some(o) => permitted(&o.apply(sub), a)?,
+            }
         }
         if key
             .view
@@ -167,6 +171,36 @@ impl Keys {
             subscription: key.view.subscription.clone(),
             labels: key.view.labels.clone(),
             model: a.model.clone(),
+        })
+    }
+
+    /// Replaces a key's overrides (`None`: none); answers the previous ones.
+    pub fn set_overrides(
+        &mut self,
+        id: &str,
+        overrides: Option<KeyOverrides>,
+    ) -> Result<Option<KeyOverrides>, CommandError> {
+        let key = self.keys.get_mut(id).ok_or_else(|| unknown(id))?;
+        let overrides = overrides.filter(|o| !o.is_empty());
+        if let Some(o) = &overrides {
+            if key.view.subscription.is_none() {
+                return Err(CommandError::invalid(
+                    "overrides",
+                    "a legacy key has no subscription to override",
+                ));
+            }
+            o.validate()?;
+        }
+        Ok(std::mem::replace(&mut key.view.overrides, overrides))
+    }
+
+    /// The subscription as it applies to key `id` (its overrides applied).
+    pub fn effective_subscription(&self, id: &str) -> Option<Subscription> {
+        let view = &self.keys.get(id)?.view;
+        let sub = self.subscriptions.get(view.subscription.as_ref()?)?;
+        Some(match &view.overrides {
+            None => sub.clone(),
+            Some(o) => o.apply(sub),
         })
     }
 
@@ -224,9 +258,41 @@ impl Keys {
         self.subscriptions.get(name)
     }
 
-    /// The quotas every subscription's limits become.
+    /// The quotas every subscription's limits become: per key of the tier, except the keys
+    /// with overrides, which get quotas of their own (`sub:<tier>:<limit>@<key id>`).
+    ///
+    /// O(keys): called only when a subscription or a key's overrides change.
     pub fn derived_quotas(&self) -> Vec<QuotaSpec> {
-        self.subscriptions.values().flat_map(derived).collect()
+        let overriding: Vec<&KeyView> = self
+            .keys
+            .values()
+            .map(|k| &k.view)
+            .filter(|v| v.overrides.is_some())
+            .collect();
+        let mut out = Vec::new();
+        for s in self.subscriptions.values() {
+            // Key ids in map order: sorted, as the filter's binary search needs.
+            let except: Vec<String> = overriding
+                .iter()
+                .filter(|v| v.subscription.as_deref() == Some(s.name.as_str()))
+                .map(|v| v.id.clone())
+                .collect();
+            out.extend(derived(s).into_iter().map(|mut q| {
+                q.filter.except_subjects = except.clone();
+                q
+            }));
+        }
+        for view in overriding {
+            let Some(effective) = self.effective_subscription(&view.id) else {
+                continue;
+            };
+            out.extend(derived(&effective).into_iter().map(|mut q| {
+                q.name = format!("{}@{}", q.name, view.id);
+                q.filter.subject = Some(view.id.clone());
+                q
+            }));
+        }
+        out
     }
 }
 
@@ -309,7 +375,30 @@ impl super::Engine {
         use super::{Command, Outcome};
         let keys = &mut self.keys;
         match command {
+            Command::CreateKey(k) if k.overrides.is_some() => {
+                let view = keys.create(k, now_ms)?;
+                self.rebuild_key_quotas(|keys| {
+                    keys.keys.remove(&view.id);
+                })?;
+                Ok(Outcome::Key(view))
+            }
             Command::CreateKey(k) => keys.create(k, now_ms).map(Outcome::Key),
+            Command::SetKeyOverrides { id, overrides } => {
+                let previous = keys.set_overrides(id, overrides.clone())?;
+                self.rebuild_key_quotas(|keys| {
+                    keys.set_overrides(id, previous)
+                        .expect("the previous overrides were valid");
+                })?;
+                Ok(Outcome::Key(
+                    self.keys.key(id).expect("just changed").clone(),
+                ))
+            }
+            Command::DeleteKey { id } if keys.key(id).is_some_and(|k| k.overrides.is_some()) => {
+                keys.delete(id)?;
+                // Fewer quotas than before: the rebuild cannot be refused.
+                self.rebuild_key_quotas(|_| unreachable!("removing quotas is never refused"))?;
+                Ok(Outcome::KeyDeleted { id: id.clone() })
+            }
             Command::SetKeyEnabled { id, enabled } => {
                 keys.set_enabled(id, *enabled).map(Outcome::Key)
             }
@@ -329,6 +418,18 @@ impl super::Engine {
             }
             Command::Authorize(a) => Ok(Outcome::Authorized(keys.authorize(a, now_ms))),
             _ => unreachable!("apply_access takes key and subscription commands only"),
+        }
+    }
+
+    /// Rebuilds the quotas subscriptions and overrides become after a key change; when they
+    /// are refused (too many quotas), `undo` takes the change back.
+    fn rebuild_key_quotas(&mut self, undo: impl FnOnce(&mut Keys)) -> Result<(), CommandError> {
+        match self.meter.set_derived_quotas(self.keys.derived_quotas()) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                undo(&mut self.keys);
+                Err(e)
+            }
         }
     }
 
@@ -364,15 +465,20 @@ impl super::Engine {
         self.keys.subscriptions()
     }
 
+    /// The subscription as it applies to key `id` (its overrides applied); `None` for a
+    /// legacy key or no such key.
+    pub fn effective_subscription(&self, id: &str) -> Option<Subscription> {
+        self.keys.effective_subscription(id)
+    }
+
     /// The models key `id` may use: its subscription's list, or every priced model when the
     /// list is empty (or the key is a legacy key). `None` for no such key.
     pub fn models_for(&self, id: &str) -> Option<Vec<String>> {
-        let key = self.keys.key(id)?;
-        let listed = key
-            .subscription
-            .as_ref()
-            .and_then(|s| self.keys.subscription(s))
-            .map(|s| s.allowed_models.clone())
+        self.keys.key(id)?;
+        let listed = self
+            .keys
+            .effective_subscription(id)
+            .map(|s| s.allowed_models)
             .unwrap_or_default();
         if !listed.is_empty() {
             return Some(listed);

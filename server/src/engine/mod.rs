@@ -251,6 +251,7 @@ impl Engine {
             | Command::SetKeyEnabled { .. }
             | Command::DeleteKey { .. }
             | Command::RotateKey { .. }
+            | Command::SetKeyOverrides { .. }
             | Command::PutSubscription(_)
             | Command::DeleteSubscription { .. }
             | Command::Authorize(_) => self.apply_access(command, now_ms),

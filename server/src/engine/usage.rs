@@ -366,6 +366,9 @@ pub struct QuotaFilter {
     pub model: Option<String>,
     /// A tag key and the value it must have.
     pub tag: Option<(String, String)>,
+    /// Subjects it does not apply to, sorted (a tier's quotas skip the keys that override
+    /// its limits). Not part of a quota's identity: its counters stay when the list changes.
+    pub except_subjects: Vec<String>,
 }
 
 impl QuotaFilter {
@@ -379,6 +382,18 @@ impl QuotaFilter {
                     .binary_search_by(|(tk, _)| tk.as_str().cmp(k))
                     .is_ok_and(|i| who.tags[i].1 == *v)
             })
+            && self
+                .except_subjects
+                .binary_search_by(|s| s.as_str().cmp(&who.subject))
+                .is_err()
+    }
+
+    /// The same usage, whatever the exceptions (a quota's identity).
+    pub fn same_scope(&self, other: &QuotaFilter) -> bool {
+        self.subject == other.subject
+            && self.subscription == other.subscription
+            && self.model == other.model
+            && self.tag == other.tag
     }
 }
 

@@ -181,7 +181,7 @@ pub(crate) fn compile(spec: &QuotaSpec, field: &str) -> Result<Option<Window>, C
 /// Quotas keep their counters across a replacement when all of these are unchanged.
 fn same_identity(a: &QuotaSpec, b: &QuotaSpec) -> bool {
     a.name == b.name
-        && a.filter == b.filter
+        && a.filter.same_scope(&b.filter)
         && a.per == b.per
         && a.metric == b.metric
         && a.window == b.window
