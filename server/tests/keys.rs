@@ -376,7 +376,7 @@ fn a_key_overrides_its_subscription_without_disturbing_the_other_keys() {
         with_overrides(key(C, "sc", Some("free")), more.clone()),
     );
     assert!(
-        matches!(&out, Outcome::Key(v) if v.overrides == Some(more.clone())),
+        matches!(&out, Outcome::Key(v) if v.overrides.as_deref() == Some(&more)),
         "{out:?}"
     );
     let names: Vec<&str> = e.quotas().map(|q| q.name.as_str()).collect();

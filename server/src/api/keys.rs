@@ -55,7 +55,7 @@ impl Keys {
         deadline: Option<Duration>,
     ) -> Result<KeyView, Status> {
         match self.propose(command, deadline).await? {
-            Outcome::Key(view) => Ok(view),
+            Outcome::Key(view) => Ok(*view),
             other => Err(status::unexpected(&other)),
         }
     }

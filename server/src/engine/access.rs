@@ -133,7 +133,7 @@ pub struct KeyView {
     pub rotated_ms: Option<i64>,
     pub previous_valid_until_ms: Option<i64>,
     /// This key's own values for fields of its subscription, if any.
-    pub overrides: Option<KeyOverrides>,
+    pub overrides: Option<Box<KeyOverrides>>,
 }
 
 /// One budget of a subscription: a quota per key.

@@ -186,7 +186,7 @@ pub enum Outcome {
     /// The answer to CheckQuotas.
     QuotaCheck(usage::QuotaCheck),
     /// A key after CreateKey, SetKeyEnabled, RotateKey or SetKeyOverrides.
-    Key(access::KeyView),
+    Key(Box<access::KeyView>),
     KeyDeleted {
         id: String,
     },

@@ -76,7 +76,7 @@ impl Keys {
             last_used_ms: None,
             rotated_ms: None,
             previous_valid_until_ms: None,
-            overrides: k.overrides.clone().filter(|o| !o.is_empty()),
+            overrides: k.overrides.clone().filter(|o| !o.is_empty()).map(Box::new),
         };
         let key = Key {
             view: view.clone(),
@@ -191,7 +191,8 @@ impl Keys {
             }
             o.validate()?;
         }
-        Ok(std::mem::replace(&mut key.view.overrides, overrides))
+        let previous = std::mem::replace(&mut key.view.overrides, overrides.map(Box::new));
+        Ok(previous.map(|o| *o))
     }
 
     /// The subscription as it applies to key `id` (its overrides applied).
@@ -296,6 +297,10 @@ impl Keys {
     }
 }
 
+fn key_outcome(view: KeyView) -> super::Outcome {
+    super::Outcome::Key(Box::new(view))
+}
+
 /// Whether `sub` lets a request for this model and classification through.
 fn permitted(sub: &Subscription, a: &Authorize) -> Result<(), Denial> {
     if let Some(model) = &a.model
@@ -380,16 +385,16 @@ impl super::Engine {
                 self.rebuild_key_quotas(|keys| {
                     keys.keys.remove(&view.id);
                 })?;
-                Ok(Outcome::Key(view))
+                Ok(Outcome::Key(Box::new(view)))
             }
-            Command::CreateKey(k) => keys.create(k, now_ms).map(Outcome::Key),
+            Command::CreateKey(k) => keys.create(k, now_ms).map(key_outcome),
             Command::SetKeyOverrides { id, overrides } => {
                 let previous = keys.set_overrides(id, overrides.clone())?;
                 self.rebuild_key_quotas(|keys| {
                     keys.set_overrides(id, previous)
                         .expect("the previous overrides were valid");
                 })?;
-                Ok(Outcome::Key(
+                Ok(key_outcome(
                     self.keys.key(id).expect("just changed").clone(),
                 ))
             }
@@ -400,7 +405,7 @@ impl super::Engine {
                 Ok(Outcome::KeyDeleted { id: id.clone() })
             }
             Command::SetKeyEnabled { id, enabled } => {
-                keys.set_enabled(id, *enabled).map(Outcome::Key)
+                keys.set_enabled(id, *enabled).map(key_outcome)
             }
             Command::DeleteKey { id } => keys
                 .delete(id)
@@ -411,7 +416,7 @@ impl super::Engine {
                 grace_ms,
             } => keys
                 .rotate(id, *secret_sha256, *grace_ms, now_ms)
-                .map(Outcome::Key),
+                .map(key_outcome),
             Command::PutSubscription(s) => self.change_subscriptions(|k| k.put_subscription(s)),
             Command::DeleteSubscription { name } => {
                 self.change_subscriptions(|k| k.delete_subscription(name))

@@ -2,6 +2,8 @@
 //! terse request builders.
 #![allow(dead_code)]
 
+pub mod auth_cluster;
+
 /// Instantiates behaviour tests (each an `async fn(Topology)`) for every topology.
 #[macro_export]
 macro_rules! behaviour_suite {
