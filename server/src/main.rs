@@ -212,6 +212,43 @@ struct Args {
     )]
     tls_client_ca: Option<PathBuf>,
 
+    /// Mutual TLS between Raft peers: this node's certificate chain (PEM), presented both as
+    /// the Raft listener's server certificate and as this node's client certificate when it
+    /// dials its peers (Raft, forwarding, `tally cluster` calls passed on to the leader). It
+    /// must be signed by --raft-tls-ca and name the host or IP of this node's
+    /// --raft-advertise address. Needs --raft-tls-key and --raft-tls-ca. Without the three
+    /// flags, node-to-node traffic is plaintext.
+    #[arg(
+        long,
+        env = "TALLY_RAFT_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["raft_tls_key", "raft_tls_ca"]
+    )]
+    raft_tls_cert: Option<PathBuf>,
+
+    /// Mutual TLS between Raft peers: the private key (PEM) of --raft-tls-cert.
+    #[arg(
+        long,
+        env = "TALLY_RAFT_TLS_KEY",
+        value_name = "FILE",
+        requires_all = ["raft_tls_cert", "raft_tls_ca"]
+    )]
+    raft_tls_key: Option<PathBuf>,
+
+    /// Mutual TLS between Raft peers: the cluster's CA certificate(s) (PEM). Every member
+    /// must use the same CA: a peer without a certificate signed by it cannot join the
+    /// cluster or send Raft messages (its TLS handshake fails before any call), and peers'
+    /// certificates are verified against it when this node dials them. `tally cluster`
+    /// reaches the Raft listener with --ca (this CA) and --client-cert/--client-key (a
+    /// certificate it signed). Needs --raft-tls-cert and --raft-tls-key.
+    #[arg(
+        long,
+        env = "TALLY_RAFT_TLS_CA",
+        value_name = "FILE",
+        requires_all = ["raft_tls_cert", "raft_tls_key"]
+    )]
+    raft_tls_ca: Option<PathBuf>,
+
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -402,7 +439,13 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             ),
             _ => None,
         },
-        raft_tls: None,
+        raft_tls: match (&args.raft_tls_cert, &args.raft_tls_key, &args.raft_tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => Some(
+                TlsConfig::from_files(cert, key, Some(ca))
+                    .context("--raft-tls-cert/--raft-tls-key/--raft-tls-ca")?,
+            ),
+            _ => None,
+        },
     };
     let grpc = tokio::net::TcpListener::bind(args.grpc_listen)
         .await
@@ -495,6 +538,43 @@ mod tests {
         ])
         .unwrap();
         assert!(a.tls_client_ca.is_some());
+    }
+
+    #[test]
+    fn raft_tls_flags_come_together() {
+        let all = [
+            ("--raft-tls-cert", "c.pem"),
+            ("--raft-tls-key", "k.pem"),
+            ("--raft-tls-ca", "ca.pem"),
+        ];
+        // Any one or two of the three are refused, naming a missing one.
+        for leave_out in 0..all.len() {
+            for only in [true, false] {
+                let flags: Vec<&str> = all
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| (*i == leave_out) == only)
+                    .flat_map(|(_, (flag, value))| [*flag, *value])
+                    .collect();
+                let e = args(&flags).expect_err("incomplete --raft-tls-* flags");
+                assert_eq!(
+                    e.kind(),
+                    clap::error::ErrorKind::MissingRequiredArgument,
+                    "{flags:?}: {e}"
+                );
+                assert!(e.to_string().contains("--raft-tls-"), "{flags:?}: {e}");
+            }
+        }
+        let flags: Vec<&str> = all.iter().flat_map(|(f, v)| [*f, *v]).collect();
+        let a = args(&flags).unwrap();
+        assert_eq!(
+            a.raft_tls_ca.as_deref(),
+            Some(std::path::Path::new("ca.pem"))
+        );
+        // Independent of the gRPC listener's TLS.
+        assert!(a.tls_cert.is_none());
+        let none = args(&[]).unwrap();
+        assert!(none.raft_tls_cert.is_none() && none.raft_tls_key.is_none());
     }
 
     #[test]

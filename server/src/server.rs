@@ -217,6 +217,31 @@ impl TlsConfig {
         tls
     }
 
+    /// The client side of this TLS, for dialling peers (the Raft listener's `raft_tls`): it
+    /// presents this certificate and key, and verifies a peer's server certificate against
+    /// `client_ca_pem`, the cluster's CA (which signed every member's certificate; the
+    /// certificate must name the host or IP of the peer's Raft address). `what` names the
+    /// settings in the error: a missing CA, or PEM that rustls refuses.
+    pub fn peer_client(&self, what: &str) -> Result<tonic::transport::ClientTlsConfig, TlsError> {
+        let Some(ca) = &self.client_ca_pem else {
+            return Err(TlsError(format!(
+                "{what}: peers are verified against a CA, and none is given"
+            )));
+        };
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .identity(tonic::transport::Identity::from_pem(
+                &self.cert_pem,
+                &self.key_pem,
+            ));
+        // tonic reads the PEM when TLS is put on an endpoint: do it once here, so that a file
+        // it refuses stops the start instead of making every peer unreachable.
+        tonic::transport::Endpoint::from_static("https://127.0.0.1")
+            .tls_config(tls.clone())
+            .map_err(|e| TlsError(format!("{what}: {}", error_chain(&e))))?;
+        Ok(tls)
+    }
+
     /// A rustls acceptor for the HTTP listener (HTTP/1.1), with the same certificates.
     fn http_acceptor(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
         use rustls_pki_types::pem::PemObject as _;
@@ -330,20 +355,30 @@ async fn run_with(
     let (initial, fingerprint) = load_initial(&config).await?;
     check_tls(&config)?;
     let raft_addr = listeners.raft.local_addr()?;
-    let node = Node::start(NodeConfig {
-        node_id: config.node_id,
-        data_dir: config.data_dir.clone(),
-        advertise_addr: config
-            .raft_advertise
-            .clone()
-            .unwrap_or(raft_addr.to_string()),
-        bootstrap: config.bootstrap,
-        engine: config.engine,
-        archive: config.archive,
-        batch: config.batch,
-        timings: config.timings,
-        clock: config.clock.clone(),
-    })
+    // The Raft listener's certificate is also this node's client certificate towards its
+    // peers, and its client CA verifies theirs.
+    let peer_tls = config
+        .raft_tls
+        .as_ref()
+        .map(|tls| tls.peer_client("--raft-tls-cert/--raft-tls-key/--raft-tls-ca"))
+        .transpose()?;
+    let node = Node::start(
+        NodeConfig {
+            node_id: config.node_id,
+            data_dir: config.data_dir.clone(),
+            advertise_addr: config
+                .raft_advertise
+                .clone()
+                .unwrap_or(raft_addr.to_string()),
+            bootstrap: config.bootstrap,
+            engine: config.engine,
+            archive: config.archive,
+            batch: config.batch,
+            timings: config.timings,
+            clock: config.clock.clone(),
+        },
+        peer_tls,
+    )
     .await?;
     if let Some(started) = started {
         let _ = started.set(node.clone());
@@ -495,7 +530,7 @@ async fn put_limits_in_force(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let configured = match node.propose(Command::Configure(settings)).await {
+        let configured = match node.propose(from_config(Command::Configure(settings))).await {
             Ok(Outcome::Configured) => Ok(()),
             Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
             Ok(other) => panic!("Configure answered with {other:?}"),
@@ -657,8 +692,17 @@ async fn load_initial(config: &ServerConfig) -> Result<(Config, u64), ServerErro
     }
 }
 
+/// A change the server makes from its flags and configuration file, for the audit log
+/// (recorded only when it changes something: every node re-applies its file at start).
+fn from_config(command: Command) -> Command {
+    Command::Audited(Box::new(crate::engine::audit::Audited {
+        actor: crate::engine::audit::Actor::config("flags and configuration file"),
+        command,
+    }))
+}
+
 async fn replace_limits(node: &Node, set: LimitSet) -> Result<(u64, u64), ServerError> {
-    match node.propose(Command::ReplaceLimits(set)).await {
+    match node.propose(from_config(Command::ReplaceLimits(set))).await {
         Ok(Outcome::LimitsReplaced { limits, kept, .. }) => Ok((limits, kept)),
         Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
         Ok(other) => panic!("ReplaceLimits answered with {other:?}"),
@@ -667,7 +711,7 @@ async fn replace_limits(node: &Node, set: LimitSet) -> Result<(u64, u64), Server
 }
 
 async fn replace_quotas(node: &Node, set: QuotaSet) -> Result<(u64, u64), ServerError> {
-    match node.propose(Command::ReplaceQuotas(set)).await {
+    match node.propose(from_config(Command::ReplaceQuotas(set))).await {
         Ok(Outcome::QuotasReplaced { quotas, kept }) => Ok((quotas, kept)),
         Ok(Outcome::Rejected(e)) => Err(ServerError::QuotasRejected(e)),
         Ok(other) => panic!("ReplaceQuotas answered with {other:?}"),
@@ -685,7 +729,7 @@ async fn put_subscriptions(node: &Node, list: Vec<Subscription>) -> Result<(), S
         if same {
             continue;
         }
-        match node.propose(Command::PutSubscription(s)).await {
+        match node.propose(from_config(Command::PutSubscription(s))).await {
             Ok(Outcome::SubscriptionsChanged { .. }) => {}
             Ok(Outcome::Rejected(e)) => return Err(ServerError::SubscriptionsRejected(e)),
             Ok(other) => panic!("PutSubscription answered with {other:?}"),
@@ -749,7 +793,7 @@ async fn put_prices(
     if same {
         return Ok(PricesApplied::Unchanged { version });
     }
-    match node.propose(Command::SetPrices(catalog)).await {
+    match node.propose(from_config(Command::SetPrices(catalog))).await {
         Ok(Outcome::PricesSet { version }) => Ok(PricesApplied::Set { version }),
         Ok(Outcome::Rejected(e)) => Err(ServerError::PricesRejected(e)),
         Ok(other) => panic!("SetPrices answered with {other:?}"),

@@ -1,23 +1,22 @@
 //! TLS on the gRPC and HTTP listeners (optionally mutual), and mutual TLS on the Raft
 //! listener. Certificates are made at run time with rcgen; everything on 127.0.0.1 port 0.
 
+#[path = "common/certs.rs"]
+mod certs;
 mod common;
 
 use std::error::Error as _;
 use std::time::Duration;
 
+use certs::{Ca, Leaf, channel, server_tls};
 use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
 use tally_proto::tally::v1::admin_client::AdminClient;
 use tally_proto::tally::v1::cluster_client::ClusterClient;
 use tally_proto::tally::v1::raft_client::RaftClient;
 use tally_proto::tally::v1::{ClusterStatusRequest, GetStatusRequest, RaftPayload};
 use tally_server::server::{self, LimitsSource, ServerConfig, ServerError, TlsConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 const LIMITS: &str = r#"
 domains:
@@ -29,84 +28,6 @@ domains:
         capacity: 3
         window: 1m
 "#;
-
-/// A CA and what it signs.
-struct Ca {
-    pem: String,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-/// A certificate and its key, PEM.
-struct Leaf {
-    cert: String,
-    key: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let pem = params.self_signed(&key).unwrap().pem();
-        Ca {
-            pem,
-            issuer: Issuer::new(params, key),
-        }
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, good as server and as client.
-    fn leaf(&self, name: &str) -> Leaf {
-        let key = KeyPair::generate().unwrap();
-        let mut params =
-            CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, name);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = params.signed_by(&key, &self.issuer).unwrap().pem();
-        Leaf {
-            cert,
-            key: key.serialize_pem(),
-        }
-    }
-}
-
-fn server_tls(leaf: &Leaf, client_ca: Option<&Ca>) -> TlsConfig {
-    TlsConfig {
-        cert_pem: leaf.cert.clone().into_bytes(),
-        key_pem: leaf.key.clone().into_bytes(),
-        client_ca_pem: client_ca.map(|ca| ca.pem.clone().into_bytes()),
-    }
-}
-
-/// A channel to `addr` (lazily connected): TLS trusting `ca`, presenting `identity`, or
-/// plaintext when `ca` is `None`.
-fn channel(addr: std::net::SocketAddr, ca: Option<&Ca>, identity: Option<&Leaf>) -> Channel {
-    let scheme = if ca.is_some() { "https" } else { "http" };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(5));
-    if let Some(ca) = ca {
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem));
-        if let Some(id) = identity {
-            tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
-        }
-        endpoint = endpoint.tls_config(tls).unwrap();
-    }
-    endpoint.connect_lazy()
-}
 
 /// A call refused at the transport (the TLS handshake failed, or the server spoke TLS to a
 /// plaintext client; the code varies with when the connection broke): never an answer of a

@@ -1,7 +1,9 @@
 //! `tally.v1.Cluster`: membership changes and status, on the Raft listener.
 //!
 //! Membership changes and status are the leader's business: a follower passes the call on to
-//! the leader it knows (one hop; a call that was passed on is never passed on again).
+//! the leader it knows (one hop; a call that was passed on is never passed on again), over
+//! the node's own forwarding channel to it ([`Node::peer_channel`]): with the cluster's mutual
+//! TLS when the Raft listener has it, so the leader sees this node's certificate.
 //!
 //! A removed node's id is retired through the log (`Command::RetireNode`), so every replica
 //! refuses it from then on: it is never added again, and a node that applied its own
@@ -19,7 +21,6 @@ use tally_proto::tally::v1::{
 use tonic::{Request, Response, Status};
 
 use crate::node::Node;
-use crate::node::forward::Forwarder;
 use crate::node::raft_types::NodeId;
 
 /// Metadata marking a call that a follower passed on.
@@ -27,14 +28,10 @@ const PASSED_ON: &str = "x-tally-passed-on";
 
 pub struct ClusterService {
     node: Node,
-    forwarder: Forwarder,
 }
 
 pub fn cluster_service(node: Node) -> ClusterServer<ClusterService> {
-    ClusterServer::new(ClusterService {
-        node,
-        forwarder: Forwarder::default(),
-    })
+    ClusterServer::new(ClusterService { node })
 }
 
 /// The status as this node sees it (the leader's view includes replication progress).
@@ -99,8 +96,8 @@ impl ClusterService {
         addr: &str,
     ) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
         let channel = self
-            .forwarder
-            .channel(addr)
+            .node
+            .peer_channel(addr)
             .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(ClusterClient::new(channel))
     }

@@ -8,6 +8,9 @@
 //! any member that holds them is as good as the leader. A member that cannot help (it has a
 //! hole there too, dropped them by retention, or is down) is skipped; a hole no member holds
 //! stays a hole, refused on read with the range it covers.
+//!
+//! Pages are read over the node's forwarding transport (`tally.v1.Forward/ReadUsage`), so with
+//! the cluster's mutual TLS when the Raft listener has it (`Node::start`'s `peer_tls`).
 
 use std::time::Duration;
 

@@ -2,6 +2,11 @@
 //! channel per leader address, and the leader proposes them as its own. The same channel
 //! carries a follower's linearizable reads: the leader answers its read index, which the
 //! follower applies up to before it reads its own state ([`Node::read_linearizable`]).
+//!
+//! Channels are built by [`super::network::peer_endpoint`], like Raft's: with the cluster's
+//! client TLS ([`Forwarder::with_tls`]) the leader is dialled over `https://`, presenting this
+//! node's certificate. The same channels carry the archive backfill (`ReadUsage`) and
+//! `tally.v1.Cluster` calls a follower passes on to the leader ([`Node::peer_channel`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,7 +19,7 @@ use tally_proto::tally::v1::{
     ForwardRequest, ForwardResponse, ReadIndexRequest, ReadIndexResponse, ReadUsageRequest,
     ReadUsageResponse,
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tonic::{Request, Response, Status};
 
 use super::{Node, NodeError};
@@ -62,6 +67,15 @@ pub trait ForwardTransport: Send + Sync + 'static {
             ))
         })
     }
+
+    /// A gRPC channel to the node at `addr` for other node-to-node calls (`tally.v1.Cluster`
+    /// calls passed on to the leader), with this transport's TLS. Transports without one (the
+    /// simulator's) answer UNAVAILABLE.
+    fn peer_channel(&self, addr: &str) -> Result<Channel, NodeError> {
+        Err(NodeError::Unavailable(format!(
+            "no gRPC channel to {addr} on this transport"
+        )))
+    }
 }
 
 impl ForwardTransport for Forwarder {
@@ -85,6 +99,10 @@ impl ForwardTransport for Forwarder {
     ) -> TransportFuture<'a, Vec<UsageRecord>> {
         Box::pin(Forwarder::read_usage(self, addr, after_seq, max))
     }
+
+    fn peer_channel(&self, addr: &str) -> Result<Channel, NodeError> {
+        self.channel(addr)
+    }
 }
 
 /// Client side: one lazily connected channel per leader address, reused.
@@ -93,13 +111,23 @@ pub struct Forwarder {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// This node's id, sent with every forwarded batch.
     from_node: u64,
+    /// Some: peers are dialled over mutual TLS (the cluster's CA and this node's certificate).
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Forwarder {
+    /// A plaintext forwarder for node `from_node`.
     pub fn new(from_node: u64) -> Forwarder {
+        Forwarder::with_tls(from_node, None)
+    }
+
+    /// The forwarder of node `from_node`, dialling peers with `tls` (the cluster's CA and this
+    /// node's certificate and key: mutual TLS) when given.
+    pub fn with_tls(from_node: u64, tls: Option<ClientTlsConfig>) -> Forwarder {
         Forwarder {
+            channels: Arc::default(),
             from_node,
-            ..Forwarder::default()
+            tls,
         }
     }
 
@@ -109,12 +137,10 @@ impl Forwarder {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| NodeError::Unavailable(format!("bad leader address {addr:?}: {e}")))?
+        let channel = super::network::peer_endpoint(addr, self.tls.as_ref())
+            .map_err(|e| NodeError::Unavailable(format!("leader address {addr:?}: {e}")))?
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(FORWARD_TIMEOUT)
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
             .connect_lazy();
         channels.insert(addr.to_owned(), channel.clone());
         Ok(channel)
@@ -179,6 +205,14 @@ impl Forwarder {
             .map_err(|s| NodeError::Unavailable(format!("usage from {addr}: {}", s.message())))?;
         postcard::from_bytes(&response.into_inner().records)
             .map_err(|e| NodeError::Unavailable(format!("{addr} answered garbage: {e}")))
+    }
+}
+
+impl Node {
+    /// A channel to the node at `addr` over this node's forwarding transport (with the
+    /// cluster's TLS when configured): for `tally.v1.Cluster` calls passed on to the leader.
+    pub(crate) fn peer_channel(&self, addr: &str) -> Result<Channel, NodeError> {
+        self.forward.peer_channel(addr)
     }
 }
 

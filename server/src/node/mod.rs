@@ -186,14 +186,25 @@ pub struct Node {
 
 impl Node {
     /// Opens the data directory, starts Raft and the proposer, talking to peers over gRPC.
+    ///
+    /// `peer_tls` is the cluster's client TLS (the CA that signed every member's certificate,
+    /// and this node's certificate and key): with it every node-to-node channel — Raft,
+    /// forwarding and read indexes, the archive backfill, cluster calls passed on to the
+    /// leader — dials `https://` and presents this node's certificate; without it, plaintext.
+    /// (A parameter rather than a [`NodeConfig`] field: the simulator, which builds a
+    /// `NodeConfig` of its own, has no use for it.)
     #[allow(clippy::result_large_err)]
-    pub async fn start(config: NodeConfig) -> Result<Node, NodeStartError> {
+    pub async fn start(
+        config: NodeConfig,
+        peer_tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Node, NodeStartError> {
         claim_data_dir(&config)?;
         let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
-        let network = network::Network::new(config.node_id);
-        let forward = Arc::new(forward::Forwarder::new(config.node_id));
+        let network = network::Network::with_tls(config.node_id, peer_tls.clone());
+        let forward = Arc::new(forward::Forwarder::with_tls(config.node_id, peer_tls));
         let node = Node::start_with(config, log, network, forward).await?;
-        // Over gRPC only: the simulator's transport cannot read peers' archives.
+        // Over gRPC only: the simulator's transport cannot read peers' archives. It reads
+        // through `forward` (with the same TLS).
         tokio::spawn(backfill::run(node.clone()));
         Ok(node)
     }

@@ -24,9 +24,10 @@
 //!   [`RPCError::PayloadTooLarge`] with a hint, so openraft sends fewer entries at a time.
 //!
 //! - **Mutual TLS between peers** ([`Network::with_tls`], [`peer_endpoint`]): with the
-//!   cluster's client TLS (CA to verify the peer, this node's certificate to present), peers
-//!   are dialled over `https://`; the Raft listener (`server.rs`) then refuses any peer without
-//!   a certificate signed by the cluster's CA.
+//!   cluster's client TLS (CA to verify the peer, this node's certificate to present; what
+//!   `Node::start` is given, made from the Raft listener's own `TlsConfig`), peers are
+//!   dialled over `https://`; the Raft listener (`server.rs`) then refuses any peer without a
+//!   certificate signed by the cluster's CA. The forwarder's channels are built the same way.
 //!
 //! The gRPC client and its protobuf envelope stay private to this module: nothing protobuf
 //! leaves it (the envelope is only `bytes`; the payload is openraft's own serde types).
