@@ -165,7 +165,33 @@ async fn every_admin_change_is_recorded_with_who_what_when_before_and_after() {
             "{config:?}"
         );
         assert!(config.contains(&"subscriptions.put"), "{config:?}");
-        let by_ops: Vec<&AuditRecord> = records.iter().filter(|r| r.actor == "ops").collect();
+        // The cluster was formed by `ops`: each membership change, with the members before
+        // and after.
+        let cluster_changes: Vec<(&str, &str)> = records
+            .iter()
+            .filter(|r| r.action.starts_with("cluster."))
+            .map(|r| (r.action.as_str(), r.target.as_str()))
+            .collect();
+        assert_eq!(
+            cluster_changes,
+            [
+                ("cluster.add-learner", "node 2"),
+                ("cluster.promote", "node 2"),
+                ("cluster.add-learner", "node 3"),
+                ("cluster.promote", "node 3"),
+            ]
+        );
+        let promote_3 = records
+            .iter()
+            .find(|r| r.action == "cluster.promote" && r.target == "node 3")
+            .unwrap();
+        assert_eq!(promote_3.actor, "ops");
+        assert_eq!(json(&promote_3.before_json)["3"]["role"], "learner");
+        assert_eq!(json(&promote_3.after_json)["3"]["role"], "voter");
+        let by_ops: Vec<&AuditRecord> = records
+            .iter()
+            .filter(|r| r.actor == "ops" && !r.action.starts_with("cluster."))
+            .collect();
         let actions: Vec<(&str, &str)> = by_ops
             .iter()
             .map(|r| (r.action.as_str(), r.target.as_str()))

@@ -5,6 +5,9 @@
 //! the node's own forwarding channel to it ([`Node::peer_channel`]): with the cluster's mutual
 //! TLS when the Raft listener has it, so the leader sees this node's certificate.
 //!
+//! Every membership change is recorded in the audit log (`Command::AuditNote`, by the
+//! leader, with the caller and the membership before and after) once it is made.
+//!
 //! A removed node's id is retired through the log (`Command::RetireNode`), so every replica
 //! refuses it from then on: it is never added again, and a node that applied its own
 //! retirement refuses to start from that data directory.
@@ -20,6 +23,9 @@ use tally_proto::tally::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use super::audit::actor;
+use crate::engine::audit::{Actor, AuditNote};
+use crate::engine::{Command, Outcome};
 use crate::node::Node;
 use crate::node::raft_types::NodeId;
 
@@ -73,6 +79,47 @@ fn status_of(node: &Node) -> ClusterStatus {
     }
 }
 
+/// The membership as audit records show it: each member's address and role.
+fn membership_json(status: &ClusterStatus) -> String {
+    let members: BTreeMap<String, serde_json::Value> = status
+        .members
+        .iter()
+        .map(|m| {
+            let role = if m.voter { "voter" } else { "learner" };
+            (
+                m.id.to_string(),
+                serde_json::json!({ "addr": m.addr, "role": role }),
+            )
+        })
+        .collect();
+    crate::engine::audit::object_json(&members)
+}
+
+/// How long recording a membership change in the audit log may take.
+const AUDIT_NOTE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Records a membership change that was made (the change is done whatever becomes of the
+/// record: a record that cannot be written is logged as an error instead).
+async fn record(node: &Node, actor: Actor, action: &str, target: String, before: String) {
+    let after = membership_json(&status_of(node));
+    let note = Command::AuditNote(AuditNote {
+        actor,
+        action: action.to_owned(),
+        target: target.clone(),
+        before: Some(before),
+        after: Some(after),
+    });
+    match tokio::time::timeout(AUDIT_NOTE_WAIT, node.propose(note)).await {
+        Ok(Ok(Outcome::AuditRecorded { .. })) => {}
+        other => tracing::error!(
+            action,
+            target,
+            result = ?other.map(|r| r.map(|_| ())),
+            "a membership change was made but could not be recorded in the audit log"
+        ),
+    }
+}
+
 fn raft_error(e: impl std::fmt::Display) -> Status {
     Status::failed_precondition(e.to_string())
 }
@@ -119,6 +166,8 @@ fn passed_on<T>(request: Request<T>) -> Request<T> {
 #[tonic::async_trait]
 impl cluster_server::Cluster for ClusterService {
     async fn init(&self, request: Request<InitRequest>) -> Result<Response<ClusterStatus>, Status> {
+        let actor = actor(&request);
+        let before = membership_json(&status_of(&self.node));
         let raft = self.node.raft();
         let mut members: BTreeMap<NodeId, BasicNode> = request
             .into_inner()
@@ -133,6 +182,10 @@ impl cluster_server::Cluster for ClusterService {
             self.node.refuse_retired(*id).await?;
         }
         raft.initialize(members).await.map_err(raft_error)?;
+        // Recorded once a leader is elected (the log takes no entry before).
+        let node = self.node.clone();
+        let target = format!("node {}", node.id());
+        tokio::spawn(async move { record(&node, actor, "cluster.init", target, before).await });
         Ok(Response::new(status_of(&self.node)))
     }
 
@@ -157,9 +210,13 @@ impl cluster_server::Cluster for ClusterService {
             let mut c = self.leader_client(&addr).await?;
             return c.add_learner(passed_on(request)).await;
         }
+        let actor = actor(&request);
+        let before = membership_json(&status_of(&self.node));
         let r = request.into_inner();
         // Blocking: answers once the learner has caught up with the log.
         self.node.add_learner(r.id, &r.addr).await?;
+        let target = format!("node {}", r.id);
+        record(&self.node, actor, "cluster.add-learner", target, before).await;
         Ok(Response::new(status_of(&self.node)))
     }
 
@@ -171,7 +228,18 @@ impl cluster_server::Cluster for ClusterService {
             let mut c = self.leader_client(&addr).await?;
             return c.promote(passed_on(request)).await;
         }
-        self.node.promote(request.into_inner().id).await?;
+        let actor = actor(&request);
+        let before = membership_json(&status_of(&self.node));
+        let id = request.into_inner().id;
+        self.node.promote(id).await?;
+        record(
+            &self.node,
+            actor,
+            "cluster.promote",
+            format!("node {id}"),
+            before,
+        )
+        .await;
         Ok(Response::new(status_of(&self.node)))
     }
 
@@ -183,7 +251,18 @@ impl cluster_server::Cluster for ClusterService {
             let mut c = self.leader_client(&addr).await?;
             return c.remove(passed_on(request)).await;
         }
-        self.node.remove(request.into_inner().id).await?;
+        let actor = actor(&request);
+        let before = membership_json(&status_of(&self.node));
+        let id = request.into_inner().id;
+        self.node.remove(id).await?;
+        record(
+            &self.node,
+            actor,
+            "cluster.remove",
+            format!("node {id}"),
+            before,
+        )
+        .await;
         Ok(Response::new(status_of(&self.node)))
     }
 }
