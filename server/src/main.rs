@@ -15,7 +15,7 @@ use tally_server::node::usage_archive::ArchiveConfig;
 use tally_server::node::{
     BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
 };
-use tally_server::server::{self, LimitsSource, ServerConfig, TlsConfig};
+use tally_server::server::{self, AuthReload, LimitsSource, ServerConfig, TlsConfig};
 
 /// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
 ///
@@ -263,18 +263,28 @@ struct Args {
 fn auth_config(
     file: Option<&std::path::Path>,
     admin_token: Option<std::ffi::OsString>,
-) -> anyhow::Result<AuthConfig> {
-    let mut auth = match file {
-        Some(path) => AuthConfig::from_file(path).context("--auth-tokens")?,
-        None => AuthConfig::default(),
-    };
+) -> anyhow::Result<(AuthConfig, Option<AuthReload>)> {
+    let mut base = AuthConfig::default();
     if let Some(token) = admin_token {
         let token = token
             .into_string()
             .map_err(|_| anyhow!("TALLY_ADMIN_TOKEN: not valid UTF-8"))?;
-        auth = auth.with_admin_token(&token)?;
+        base = base.with_admin_token(&token)?;
     }
-    Ok(auth)
+    let Some(path) = file else {
+        return Ok((base, None));
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--auth-tokens: cannot read {}", path.display()))?;
+    let auth = base
+        .clone()
+        .with_file_text(&text, &path.display().to_string())
+        .context("--auth-tokens")?;
+    let reload = AuthReload {
+        file: path.to_owned(),
+        base,
+    };
+    Ok((auth, Some(reload)))
 }
 
 /// `--authz-public-paths`, without empty entries (`""` means none).
@@ -387,7 +397,7 @@ fn main() -> std::process::ExitCode {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let engine = engine_settings(&args)?;
-    let auth = auth_config(
+    let (auth, auth_reload) = auth_config(
         args.auth_tokens.as_deref(),
         std::env::var_os("TALLY_ADMIN_TOKEN"),
     )?;
@@ -432,6 +442,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             logs_kept_behind_snapshot: RaftTimings::default().logs_kept_behind_snapshot,
         },
         auth,
+        auth_reload,
         tls: match (&args.tls_cert, &args.tls_key) {
             (Some(cert), Some(key)) => Some(
                 TlsConfig::from_files(cert, key, args.tls_client_ca.as_deref())
@@ -488,7 +499,7 @@ mod tests {
         .unwrap();
         let a = args(&["--auth-tokens", path.to_str().unwrap()]).unwrap();
         assert_eq!(
-            auth_config(a.auth_tokens.as_deref(), None).unwrap().len(),
+            auth_config(a.auth_tokens.as_deref(), None).unwrap().0.len(),
             1
         );
         let both = auth_config(
@@ -496,8 +507,12 @@ mod tests {
             Some("an-admin-token-0123456789".into()),
         )
         .unwrap();
-        assert_eq!(both.len(), 2);
-        assert!(!auth_config(None, None).unwrap().is_configured());
+        assert_eq!(both.0.len(), 2);
+        // A reload re-reads the file and keeps the environment's token.
+        let reload = both.1.unwrap();
+        assert_eq!(reload.file, a.auth_tokens.clone().unwrap());
+        assert_eq!(reload.base.len(), 1);
+        assert!(!auth_config(None, None).unwrap().0.is_configured());
         let e = auth_config(None, Some("short".into())).unwrap_err();
         assert!(
             format!("{e:#}").starts_with("TALLY_ADMIN_TOKEN: must be at least"),

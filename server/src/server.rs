@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::api::auth::{AuthConfig, AuthLayer};
+use crate::api::auth::{AuthConfig, AuthLayer, SharedAuth};
 use crate::api::http::Readiness;
 use crate::api::{self, ResponseOptions};
 use crate::config::{self, Config, Format, Metering};
@@ -78,6 +78,9 @@ pub struct ServerConfig {
     /// The admin API's bearer tokens (`api::auth`); none: admin, billing and cluster calls
     /// are served to loopback peers only.
     pub auth: AuthConfig,
+    /// Re-read the tokens file every `limits_poll` and put its tokens in force when it
+    /// changes (a file that does not parse leaves the tokens in force and logs an error).
+    pub auth_reload: Option<AuthReload>,
     /// TLS for the gRPC and HTTP listeners (with a client CA: mutual TLS, a client
     /// certificate signed by it required); none: plaintext.
     pub tls: Option<TlsConfig>,
@@ -109,11 +112,20 @@ impl Default for ServerConfig {
             bootstrap: true,
             timings: RaftTimings::default(),
             auth: AuthConfig::default(),
+            auth_reload: None,
             tls: None,
             raft_tls: None,
             authz_public_paths: api::AuthzConfig::default().public_paths,
         }
     }
+}
+
+/// Where the admin API's tokens come from, for reloading: the tokens file, and the tokens
+/// that are not from it (`TALLY_ADMIN_TOKEN`), which every reload keeps.
+#[derive(Clone, Debug)]
+pub struct AuthReload {
+    pub file: PathBuf,
+    pub base: AuthConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -416,10 +428,19 @@ async fn run_with(
             "admin API: no tokens configured (--auth-tokens, TALLY_ADMIN_TOKEN): admin, billing and cluster calls are served to loopback peers (127.0.0.1, ::1) only"
         );
     }
+    let auth = SharedAuth::new(config.auth.clone());
+    if let (Some(reload), false) = (&config.auth_reload, config.limits_poll.is_zero()) {
+        tokio::spawn(watch_tokens(
+            reload.clone(),
+            config.limits_poll,
+            auth.clone(),
+            stop_rx.clone(),
+        ));
+    }
     let raft_task = tokio::spawn(serve_raft(
         listeners.raft,
         node.clone(),
-        config.auth.clone(),
+        auth.clone(),
         config.raft_tls.clone(),
         stop_rx.clone(),
     ));
@@ -470,7 +491,7 @@ async fn run_with(
             api::grpc_routes_secured(
                 node.clone(),
                 config.response,
-                config.auth.clone(),
+                auth,
                 api::AuthzConfig {
                     public_paths: config.authz_public_paths.clone(),
                 },
@@ -495,7 +516,7 @@ async fn run_with(
 async fn serve_raft(
     listener: TcpListener,
     node: Node,
-    auth: AuthConfig,
+    auth: SharedAuth,
     tls: Option<TlsConfig>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), ServerError> {
@@ -530,7 +551,10 @@ async fn put_limits_in_force(
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let configured = match node.propose(from_config(Command::Configure(settings))).await {
+        let configured = match node
+            .propose(from_config(Command::Configure(settings)))
+            .await
+        {
             Ok(Outcome::Configured) => Ok(()),
             Ok(Outcome::Rejected(e)) => Err(ServerError::LimitsRejected(e)),
             Ok(other) => panic!("Configure answered with {other:?}"),
@@ -838,6 +862,48 @@ async fn apply_config(node: &Node, config: Config) -> Result<Applied, ServerErro
 
 /// Polls the limits file; a changed file that parses is put in force (limits, quotas,
 /// prices: [`apply_config`]), one that does not is logged and everything in force stays.
+/// Re-reads the tokens file every `poll`; a changed file that parses is put in force (with
+/// the tokens not from the file), one that does not leaves the tokens in force.
+async fn watch_tokens(
+    reload: AuthReload,
+    poll: Duration,
+    auth: SharedAuth,
+    mut stop: watch::Receiver<bool>,
+) {
+    let path = reload.file.display().to_string();
+    let mut last = tokio::fs::read_to_string(&reload.file)
+        .await
+        .ok()
+        .map(|t| fingerprint(&t));
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(poll) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let text = match tokio::fs::read_to_string(&reload.file).await {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(path, error = %e, "cannot read the tokens file; the tokens in force stay");
+                continue;
+            }
+        };
+        let print = Some(fingerprint(&text));
+        if print == last {
+            continue;
+        }
+        last = print;
+        match reload.base.clone().with_file_text(&text, &path) {
+            Ok(tokens) => {
+                tracing::info!(path, tokens = tokens.len(), "tokens file reloaded");
+                auth.replace(tokens);
+            }
+            Err(e) => {
+                tracing::error!(path, error = %e, "tokens file refused; the tokens in force stay");
+            }
+        }
+    }
+}
+
 async fn watch_limits(
     path: PathBuf,
     format: Option<Format>,

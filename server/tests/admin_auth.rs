@@ -518,6 +518,65 @@ async fn the_environment_admin_token_works_beside_the_file() {
     t.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_tokens_file_is_put_in_force_and_a_bad_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = tokens_file(dir.path());
+    let base = AuthConfig::default().with_admin_token(ENV_ADMIN).unwrap();
+    let auth = base
+        .clone()
+        .with_file_text(&std::fs::read_to_string(&file).unwrap(), "tokens")
+        .unwrap();
+    let reload = tally_server::server::AuthReload {
+        file: file.clone(),
+        base,
+    };
+    let t = start_with(LIMITS, |c| {
+        c.auth = auth;
+        c.auth_reload = Some(reload);
+        c.limits_poll = Duration::from_millis(50);
+    })
+    .await;
+    let mut c = Clients::new(t.server.grpc_addr, t.server.raft_addr).await;
+    c.admitted("Admin/GetStatus", Some(READER)).await.unwrap();
+    // `dashboard` goes; `ops` becomes read-only; a new token comes.
+    let text = format!(
+        "- name: ops\n  role: read-only\n  token_sha256: {}\n\
+         - name: newcomer\n  role: admin\n  token_sha256: {}\n",
+        sha256_hex(ADMIN),
+        sha256_hex(WRONG),
+    );
+    std::fs::write(&file, text).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while c.try_call("Admin/GetStatus", Some(READER)).await.is_ok() {
+        assert!(std::time::Instant::now() < deadline, "not reloaded in 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let e = c
+        .try_call("Admin/GetStatus", Some(READER))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    c.admitted("Admin/GetStatus", Some(ADMIN)).await.unwrap();
+    let e = c
+        .try_call("Usage/SetPrices", Some(ADMIN))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    c.admitted("Usage/SetPrices", Some(WRONG)).await.unwrap();
+    c.admitted("Usage/SetPrices", Some(ENV_ADMIN))
+        .await
+        .unwrap();
+    // A file that does not parse leaves the tokens in force.
+    std::fs::write(&file, "- name: [broken\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.admitted("Usage/SetPrices", Some(WRONG)).await.unwrap();
+    c.admitted("Usage/SetPrices", Some(ENV_ADMIN))
+        .await
+        .unwrap();
+    t.stop().await;
+}
+
 /// The only test of this file that installs a subscriber; it captures every test's logs at
 /// trace level (Tally's own) and debug (the libraries').
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -453,15 +453,45 @@ fn peer_ip(extensions: &http::Extensions) -> Option<IpAddr> {
     addr.map(|a| a.ip())
 }
 
+/// The tokens in force, shared by every guarded service and replaceable while serving (the
+/// tokens file is re-read when it changes: `server.rs`). Each call reads the tokens in force
+/// when it arrives.
+#[derive(Clone, Debug, Default)]
+pub struct SharedAuth(Arc<parking_lot::RwLock<AuthConfig>>);
+
+impl SharedAuth {
+    pub fn new(config: AuthConfig) -> SharedAuth {
+        SharedAuth(Arc::new(parking_lot::RwLock::new(config)))
+    }
+
+    /// The tokens in force (a cheap clone).
+    pub fn get(&self) -> AuthConfig {
+        self.0.read().clone()
+    }
+
+    /// Puts `config` in force for every call from now on.
+    pub fn replace(&self, config: AuthConfig) {
+        *self.0.write() = config;
+    }
+}
+
+impl From<AuthConfig> for SharedAuth {
+    fn from(config: AuthConfig) -> SharedAuth {
+        SharedAuth::new(config)
+    }
+}
+
 /// Puts [`AuthConfig::authorize`] in front of a gRPC service.
 #[derive(Clone, Debug)]
 pub struct AuthLayer {
-    config: AuthConfig,
+    config: SharedAuth,
 }
 
 impl AuthLayer {
-    pub fn new(config: AuthConfig) -> AuthLayer {
-        AuthLayer { config }
+    pub fn new(config: impl Into<SharedAuth>) -> AuthLayer {
+        AuthLayer {
+            config: config.into(),
+        }
     }
 }
 
@@ -479,7 +509,7 @@ impl<S> tower_layer::Layer<S> for AuthLayer {
 #[derive(Clone, Debug)]
 pub struct Guarded<S> {
     inner: S,
-    config: AuthConfig,
+    config: SharedAuth,
 }
 
 impl<S: NamedService> NamedService for Guarded<S> {
@@ -504,7 +534,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<Body>) -> Self::Future {
-        let decided = self.config.authorize(
+        let decided = self.config.get().authorize(
             request.uri().path(),
             request
                 .headers()

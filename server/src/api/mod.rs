@@ -92,7 +92,7 @@ pub async fn grpc_routes_with_stop(
 pub async fn grpc_routes_secured(
     node: Node,
     options: ResponseOptions,
-    auth: auth::AuthConfig,
+    auth: impl Into<auth::SharedAuth>,
     authz: AuthzConfig,
     stop: watch::Receiver<bool>,
 ) -> Routes {
