@@ -93,7 +93,8 @@ struct Cli {
     token: Option<String>,
 
     /// TLS: the CA certificate (PEM) the server's certificate is signed by (tallyd
-    /// --tls-cert); connects over https
+    /// --tls-cert; for `tally cluster` against a Raft listener, --raft-tls-ca); connects
+    /// over https
     #[arg(
         long,
         global = true,
@@ -103,7 +104,8 @@ struct Cli {
     )]
     ca: Option<PathBuf>,
 
-    /// Mutual TLS: this client's certificate (PEM), for a server with --tls-client-ca
+    /// Mutual TLS: this client's certificate (PEM), for a server with --tls-client-ca (or,
+    /// for `tally cluster`, one signed by the cluster's --raft-tls-ca)
     #[arg(
         long,
         global = true,

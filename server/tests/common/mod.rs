@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 pub mod auth_cluster;
+pub mod mock_openai;
+pub mod pyenv;
 
 /// Instantiates behaviour tests (each an `async fn(Topology)`) for every topology.
 #[macro_export]
