@@ -3,8 +3,11 @@
 #![allow(dead_code)]
 
 pub mod auth_cluster;
+pub mod envoy_proc;
+pub mod http1;
 pub mod mock_openai;
 pub mod pyenv;
+pub mod tallyd_proc;
 
 /// Instantiates behaviour tests (each an `async fn(Topology)`) for every topology.
 #[macro_export]
