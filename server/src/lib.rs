@@ -9,10 +9,13 @@
 //! - [`config`]: limit files (native, Limitador, envoyproxy/ratelimit) into a limit set.
 //! - [`server`]: wiring for `tallyd`: listeners, limit-file reload, shutdown.
 //! - [`event_log`]: quota events to the log.
+//! - [`metrics`]: OpenTelemetry metrics (decisions, gRPC, Raft, engine) for `GET /metrics`,
+//!   in Prometheus's text format, with bounded labels.
 
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod event_log;
+pub mod metrics;
 pub mod node;
 pub mod server;

@@ -396,6 +396,9 @@ async fn run_with(
         let _ = started.set(node.clone());
     }
     let (stop_tx, stop_rx) = watch::channel(false);
+    // One per server (tests run several in a process): `/metrics` on the HTTP listener.
+    let metrics = crate::metrics::Metrics::new();
+    tokio::spawn(metrics.clone().watch_raft(node.clone(), stop_rx.clone()));
     // A Raft that stopped on its own cannot be revived in this process: stop serving and
     // return an error, so the process exits non-zero and its supervisor restarts it.
     let failure = Arc::new(parking_lot::Mutex::new(None));
@@ -462,7 +465,7 @@ async fn run_with(
             stop_rx.clone(),
         ));
     }
-    let http_app = api::http::router(node.clone(), readiness);
+    let http_app = api::http::router(node.clone(), readiness, metrics.clone());
     let http_stop = stopped(stop_rx.clone());
     let http = listeners.http;
     let http_task = match &config.tls {
@@ -496,6 +499,7 @@ async fn run_with(
                     public_paths: config.authz_public_paths.clone(),
                 },
                 stop_rx.clone(),
+                metrics,
             )
             .await,
         )

@@ -19,7 +19,7 @@
 //!   quota events), with its wire ⇄ domain conversions in `usage_convert`.
 //! - `convert`: wire ⇄ domain conversions, response headers and bodies.
 //! - `status`: the one place errors become gRPC statuses.
-//! - `http`: `/healthz` and `/readyz`.
+//! - `http`: `/healthz`, `/readyz` and `/metrics` (see [`crate::metrics`]).
 //!
 //! Architecture invariant: no protobuf type crosses into `engine` or `node`.
 
@@ -58,6 +58,7 @@ use tower_layer::Layer;
 pub use authz::AuthzConfig;
 pub use convert::{OVER_LIMIT_BODY, ResponseOptions};
 
+use crate::metrics::Metrics;
 use crate::node::Node;
 
 /// Largest gRPC message accepted, bytes. Far above any valid request (64 descriptors of 32
@@ -75,26 +76,30 @@ pub async fn grpc_routes(node: Node, options: ResponseOptions) -> Routes {
 
 /// [`grpc_routes`], with long-lived streams ending once `stop` turns true (the server's
 /// graceful shutdown waits for every open stream, so they must end). No token is configured:
-/// the admin and billing methods answer loopback peers only.
+/// the admin and billing methods answer loopback peers only. The calls are counted in a
+/// [`Metrics`] of their own.
 pub async fn grpc_routes_with_stop(
     node: Node,
     options: ResponseOptions,
     stop: watch::Receiver<bool>,
 ) -> Routes {
     let authz = AuthzConfig::default();
-    grpc_routes_secured(node, options, auth::AuthConfig::default(), authz, stop).await
+    let auth = auth::AuthConfig::default();
+    grpc_routes_secured(node, options, auth, authz, stop, Metrics::new()).await
 }
 
 /// [`grpc_routes_with_stop`] with the admin API's tokens: `tally.v1.Admin` and
 /// `tally.v1.Usage` are behind [`auth::AuthLayer`] (see `auth` for which method needs which
 /// role); Envoy RLS, Kuadrant, ext_authz and `tally.v1.Models` (`authz`, configured by
-/// `authz`), health and reflection are not guarded.
+/// `authz`), health and reflection are not guarded. Every call (unknown paths too) is counted
+/// and timed in `metrics`, and ShouldRateLimit's decisions are counted there.
 pub async fn grpc_routes_secured(
     node: Node,
     options: ResponseOptions,
     auth: impl Into<auth::SharedAuth>,
     authz: AuthzConfig,
     stop: watch::Receiver<bool>,
+    metrics: Metrics,
 ) -> Routes {
     let guard = auth::AuthLayer::new(auth);
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -117,7 +122,7 @@ pub async fn grpc_routes_secured(
         .register_encoded_file_descriptor_set(tally_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the embedded descriptor set is valid");
-    let rls = RateLimitServiceServer::new(rls::Rls::new(node.clone(), options))
+    let rls = RateLimitServiceServer::new(rls::Rls::new(node.clone(), options, metrics.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let kuadrant = KuadrantServer::new(kuadrant::Kuadrant::new(node.clone(), options))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
@@ -132,7 +137,7 @@ pub async fn grpc_routes_secured(
     let models = ModelsServer::new(authz);
     let audit = guard.layer(AuditServer::new(audit::Audit::new(node.clone())));
     let admin = guard.layer(AdminServer::new(admin::Admin::new(node)));
-    Routes::new(rls)
+    let routes = Routes::new(rls)
         .add_service(audit)
         .add_service(keys)
         .add_service(kuadrant)
@@ -141,5 +146,7 @@ pub async fn grpc_routes_secured(
         .add_service(ext_authz)
         .add_service(models)
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection);
+    // Outermost, and over the fallback as well: every call is counted, unknown ones too.
+    Routes::from(routes.into_axum_router().layer(metrics.grpc_layer()))
 }

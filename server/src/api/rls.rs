@@ -11,18 +11,25 @@ use super::rls_reserve;
 use super::rls_usage::{self, CallIds};
 use super::{deadline, status};
 use crate::engine::{Command, Decision, Mode, Outcome, RateLimitCommand};
+use crate::metrics::Metrics;
 use crate::node::Node;
 
 pub struct Rls {
     node: Node,
     options: ResponseOptions,
     ids: CallIds,
+    metrics: Metrics,
 }
 
 impl Rls {
-    pub fn new(node: Node, options: ResponseOptions) -> Rls {
+    pub fn new(node: Node, options: ResponseOptions, metrics: Metrics) -> Rls {
         let ids = CallIds::new(node.id());
-        Rls { node, options, ids }
+        Rls {
+            node,
+            options,
+            ids,
+            metrics,
+        }
     }
 }
 
@@ -40,6 +47,19 @@ pub async fn decide_and_record(
     deadline: Option<Duration>,
     options: ResponseOptions,
 ) -> Result<Response<RateLimitResponse>, Status> {
+    let decision = decide_and_record_decision(node, cmd, request_hits_count, ids, deadline).await?;
+    Ok(Response::new(convert::response(&decision, options)))
+}
+
+/// [`decide_and_record`], answering the decision itself (with the hard quotas' checks merged
+/// into it) rather than its wire response.
+async fn decide_and_record_decision(
+    node: &Node,
+    cmd: RateLimitCommand,
+    request_hits_count: bool,
+    ids: &CallIds,
+    deadline: Option<Duration>,
+) -> Result<Decision, Status> {
     cmd.validate()?;
     let reports = rls_usage::reports(&cmd, request_hits_count, ids)?;
     let mut checks = rls_usage::quota_checks(&cmd)?;
@@ -58,7 +78,7 @@ pub async fn decide_and_record(
     answers.extend(taken.iter().map(|t| t.answer.clone()));
     rls_usage::merge(node, &mut decision, &checks, &answers).await;
     rls_reserve::release_if_refused(node, &decision, &holds, &taken, deadline).await;
-    Ok(Response::new(convert::response(&decision, options)))
+    Ok(decision)
 }
 
 async fn propose_decision(
@@ -92,7 +112,19 @@ impl RateLimitService for Rls {
             Mode::Enforce,
             RequestHits::ZeroMeansOne,
         );
+        // What the metrics count a decision's statuses with (the command is moved below).
+        let domain = cmd.domain.clone();
+        let hits: Vec<u64> = cmd
+            .descriptors
+            .iter()
+            .map(|d| d.hits.unwrap_or(cmd.hits))
+            .collect();
+        let request_hits = cmd.hits;
         // Usage descriptors (Envoy's stream-done call) are recorded, and limited as well.
-        decide_and_record(&self.node, cmd, false, &self.ids, deadline, self.options).await
+        let decision =
+            decide_and_record_decision(&self.node, cmd, false, &self.ids, deadline).await?;
+        self.metrics
+            .record_decision(&domain, &hits, request_hits, &decision);
+        Ok(Response::new(convert::response(&decision, self.options)))
     }
 }

@@ -50,6 +50,9 @@ use raft_types::{NodeId, Raft};
 
 /// Commands waiting for a batch at most; proposers wait (backpressure) beyond it.
 pub const MAX_QUEUED_COMMANDS: usize = 65_536;
+/// A node with more log entries than this not yet applied (catching up after a restart or a
+/// snapshot install) is not ready: its answers would come late.
+pub const READY_MAX_APPLY_LAG: u64 = 1_000;
 /// Upper bound for `max_batch_commands`.
 pub const MAX_BATCH_COMMANDS: usize = 65_536;
 
@@ -482,11 +485,18 @@ impl Node {
         &self.raft
     }
 
-    /// True when a leader is known and this node's Raft is running, so commands can be decided.
+    /// True when a leader is known, this node's Raft is running and it is not catching up
+    /// (at most [`READY_MAX_APPLY_LAG`] entries of its log not yet applied): commands can be
+    /// decided now.
     pub fn is_ready(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        !self.tx.is_closed() && m.running_state.is_ok() && m.current_leader.is_some()
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        let apply_lag = m.last_log_index.unwrap_or(0).saturating_sub(applied);
+        !self.tx.is_closed()
+            && m.running_state.is_ok()
+            && m.current_leader.is_some()
+            && apply_lag <= READY_MAX_APPLY_LAG
     }
 
     /// Why this node's Raft stopped on its own, if it did.
