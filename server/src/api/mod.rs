@@ -19,6 +19,7 @@
 //!   quota events), with its wire ⇄ domain conversions in `usage_convert`.
 //! - `convert`: wire ⇄ domain conversions, response headers and bodies.
 //! - `status`: the one place errors become gRPC statuses.
+//! - `request_span`: a `tracing` span per gRPC call (method, request id, traceparent).
 //! - `http`: `/healthz`, `/readyz` and `/metrics` (see [`crate::metrics`]).
 //!
 //! Architecture invariant: no protobuf type crosses into `engine` or `node`.
@@ -36,6 +37,7 @@ pub mod key_secret;
 mod keys;
 mod kuadrant;
 pub mod raft;
+pub mod request_span;
 mod rls;
 mod rls_reserve;
 mod rls_usage;
@@ -147,6 +149,12 @@ pub async fn grpc_routes_secured(
         .add_service(models)
         .add_service(health_service)
         .add_service(reflection);
-    // Outermost, and over the fallback as well: every call is counted, unknown ones too.
-    Routes::from(routes.into_axum_router().layer(metrics.grpc_layer()))
+    // Outermost, and over the fallback as well: every call is counted, unknown ones too, and
+    // every call's log lines carry its method and request id.
+    Routes::from(
+        routes
+            .into_axum_router()
+            .layer(metrics.grpc_layer())
+            .layer(request_span::RequestSpanLayer),
+    )
 }
