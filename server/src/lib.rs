@@ -11,6 +11,9 @@
 //! - [`event_log`]: quota events to the log.
 //! - [`metrics`]: OpenTelemetry metrics (decisions, gRPC, Raft, engine) for `GET /metrics`,
 //!   in Prometheus's text format, with bounded labels.
+//! - [`usage_metrics`]: tokens, cost and records per key and model (bounded labels), counted
+//!   from the usage records this replica applies, for `GET /metrics`.
+//! - [`otlp`]: traces (a span per gRPC call) over OTLP/gRPC, when an endpoint is configured.
 
 pub mod api;
 pub mod config;
@@ -18,4 +21,6 @@ pub mod engine;
 pub mod event_log;
 pub mod metrics;
 pub mod node;
+pub mod otlp;
 pub mod server;
+pub mod usage_metrics;

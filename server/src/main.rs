@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, ValueEnum};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use tally_server::api::ResponseOptions;
 use tally_server::api::auth::AuthConfig;
 use tally_server::config::Format;
@@ -15,7 +16,9 @@ use tally_server::node::usage_archive::ArchiveConfig;
 use tally_server::node::{
     BatchConfig, MAX_BATCH_COMMANDS, MAX_INFLIGHT_BATCHES, RaftTimings, SystemClock,
 };
+use tally_server::otlp;
 use tally_server::server::{self, AuthReload, LimitsSource, ServerConfig, TlsConfig};
+use tally_server::usage_metrics::{self, UsageLabels, UsageMetricsConfig};
 
 /// Tally: rate limiting and metering for AI gateways (Envoy RLS v3 and Kuadrant v1).
 ///
@@ -249,6 +252,34 @@ struct Args {
     )]
     raft_tls_ca: Option<PathBuf>,
 
+    /// Labels of the usage metrics on GET /metrics (tally_usage_tokens_total,
+    /// tally_usage_cost_nusd_total, tally_usage_records_total): `key-model` (a series per API
+    /// key and model), `model` (per model, every key counted as key="_all"), or `none` (the
+    /// usage metrics are not registered at all).
+    #[arg(long, env = "TALLY_METRICS_USAGE_LABELS", value_enum,
+          default_value_t = UsageLabelsFlag::KeyModel)]
+    metrics_usage_labels: UsageLabelsFlag,
+
+    /// Most distinct (key, model) label pairs of the usage metrics with series of their own
+    /// (with `--metrics-usage-labels model`: most models), the first ones counted since the
+    /// node started; later pairs count under key="_other", model="_other" (key="_all",
+    /// model="_other" with `model`). Keys and model names come from the network: this bounds
+    /// the series at 4 x (N + 1) token series and N + 1 of each other usage counter. 0 to
+    /// 100000.
+    #[arg(long, env = "TALLY_METRICS_MAX_USAGE_SERIES",
+          default_value_t = usage_metrics::DEFAULT_MAX_USAGE_SERIES as u64,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_USAGE_SERIES_FLAG))]
+    metrics_max_usage_series: u64,
+
+    /// Export traces (a span per gRPC call, a child of the caller's W3C `traceparent`) to
+    /// this OTLP/gRPC collector, e.g. http://127.0.0.1:4317. Off when unset.
+    #[arg(long, env = "TALLY_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "TALLY_OTLP_SERVICE_NAME", default_value = "tally")]
+    otlp_service_name: String,
+
     /// Log format.
     #[arg(long, env = "TALLY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -337,21 +368,63 @@ enum Headers {
     Draft03,
 }
 
+/// `--metrics-usage-labels`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum UsageLabelsFlag {
+    KeyModel,
+    Model,
+    None,
+}
+
+/// The largest `--metrics-max-usage-series`.
+const MAX_USAGE_SERIES_FLAG: u64 = 100_000;
+
+/// The usage metrics' settings the flags give.
+fn usage_metrics_config(args: &Args) -> UsageMetricsConfig {
+    UsageMetricsConfig {
+        labels: match args.metrics_usage_labels {
+            UsageLabelsFlag::KeyModel => UsageLabels::KeyModel,
+            UsageLabelsFlag::Model => UsageLabels::Model,
+            UsageLabelsFlag::None => UsageLabels::None,
+        },
+        max_series: args.metrics_max_usage_series as usize,
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
 }
 
-fn init_logging(args: &Args) -> anyhow::Result<()> {
+/// Installs the log subscriber, and the OTLP trace exporter when `--otlp-endpoint` is given:
+/// the tracer provider is returned, to be shut down (flushed) once serving ends, outside the
+/// async runtime (it owns a runtime of its own).
+fn init_logging(args: &Args) -> anyhow::Result<Option<SdkTracerProvider>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log)
         .with_context(|| format!("--log {:?} is not a valid filter", args.log))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-    Ok(())
+    let provider = match &args.otlp_endpoint {
+        Some(endpoint) => Some(otlp::provider(&otlp::OtlpConfig {
+            endpoint: endpoint.clone(),
+            service_name: args.otlp_service_name.clone(),
+        })?),
+        None => None,
+    };
+    let traces = provider.as_ref().map(otlp::layer);
+    let (text, json) = match args.log_format {
+        LogFormat::Text => (Some(tracing_subscriber::fmt::layer()), None),
+        LogFormat::Json => (None, Some(tracing_subscriber::fmt::layer().json())),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(traces)
+        .try_init()
+        .context("installing the log subscriber")?;
+    Ok(provider)
 }
 
 async fn shutdown_signal() {
@@ -378,6 +451,13 @@ async fn shutdown_signal() {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    let traces = match init_logging(&args) {
+        Ok(traces) => traces,
+        Err(e) => {
+            eprintln!("tallyd: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -385,7 +465,12 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match runtime.block_on(serve(args)) {
+    let served = runtime.block_on(serve(args));
+    if let Some(provider) = traces {
+        // Flushes the spans still buffered (bounded by the exporter's timeout).
+        let _ = provider.shutdown();
+    }
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // One line, causes joined: operators read this in service logs.
@@ -401,7 +486,6 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         args.auth_tokens.as_deref(),
         std::env::var_os("TALLY_ADMIN_TOKEN"),
     )?;
-    init_logging(&args)?;
     let limits = match &args.limits {
         Some(path) => LimitsSource::File(path.clone()),
         None => {
@@ -429,6 +513,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         },
         max_connections: args.max_connections as usize,
         authz_public_paths: public_paths(&args.authz_public_paths),
+        usage_metrics: usage_metrics_config(&args),
         clock: Arc::new(SystemClock),
         node_id: args.node_id,
         data_dir: args.data_dir.clone(),
@@ -590,6 +675,48 @@ mod tests {
         assert!(a.tls_cert.is_none());
         let none = args(&[]).unwrap();
         assert!(none.raft_tls_cert.is_none() && none.raft_tls_key.is_none());
+    }
+
+    #[test]
+    fn usage_metrics_flags_set_the_labels_and_the_bound() {
+        assert_eq!(
+            usage_metrics_config(&args(&[]).unwrap()),
+            ServerConfig::default().usage_metrics
+        );
+        assert_eq!(
+            usage_metrics_config(&args(&[]).unwrap()),
+            UsageMetricsConfig {
+                labels: UsageLabels::KeyModel,
+                max_series: 1000,
+            }
+        );
+        for (value, labels) in [
+            ("key-model", UsageLabels::KeyModel),
+            ("model", UsageLabels::Model),
+            ("none", UsageLabels::None),
+        ] {
+            let a = args(&[
+                "--metrics-usage-labels",
+                value,
+                "--metrics-max-usage-series",
+                "2",
+            ])
+            .unwrap();
+            assert_eq!(
+                usage_metrics_config(&a),
+                UsageMetricsConfig {
+                    labels,
+                    max_series: 2,
+                }
+            );
+        }
+        assert!(args(&["--metrics-usage-labels", "key"]).is_err());
+        assert!(args(&["--metrics-max-usage-series", "100001"]).is_err());
+        assert!(args(&["--metrics-max-usage-series", "-1"]).is_err());
+        assert_eq!(
+            usage_metrics_config(&args(&["--metrics-max-usage-series", "0"]).unwrap()).max_series,
+            0
+        );
     }
 
     #[test]

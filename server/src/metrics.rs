@@ -2,16 +2,18 @@
 //! `prometheus::Registry` and served as text on the HTTP listener's `GET /metrics`.
 //!
 //! A [`Metrics`] is a cheap handle (an `Arc` inside). `server.rs` makes one per server and
-//! hands it to the HTTP router, the gRPC routes and the Envoy RLS service; every in-process
-//! server (tests run several) has its own registry, never the process-global one.
+//! hands it to the HTTP router, the gRPC routes (both listeners') and the Envoy RLS service;
+//! the gRPC layer also puts it in every call's request extensions, where the Kuadrant service
+//! finds it. Every in-process server (tests run several) has its own registry, never the
+//! process-global one.
 //!
 //! # What each metric counts
 //!
-//! **Rate-limit decisions** (Envoy `ShouldRateLimit` only; Kuadrant calls are not counted
-//! here), labels `domain` (the request's) and `limit` (the name of the limit a descriptor's
-//! status reports, `_unnamed` for a limit without a name or an Envoy per-descriptor
-//! override). For every answered decision, for each descriptor whose status has a
-//! `current_limit` (a descriptor no limit matched, or only unlimited ones, counts nothing),
+//! **Rate-limit decisions** (Envoy `ShouldRateLimit` only; Kuadrant's calls have counters of
+//! their own, below), labels `domain` (the request's) and `limit` (the name of the limit a
+//! descriptor's status reports, `_unnamed` for a limit without a name or an Envoy
+//! per-descriptor override). For every answered decision, for each descriptor whose status
+//! has a `current_limit` (a descriptor no limit matched, or only unlimited ones, counts nothing),
 //! with `hits` = that descriptor's `hits_addend` if present, else the request's (`0` means
 //! `1`), as the engine uses it (`api::convert`, `RateLimitCommand::hits`):
 //! - `tally_rls_hits_total` += hits.
@@ -30,15 +32,53 @@
 //! (`rls_usage::merge`) counts under the quota's name. A call answered with an error (invalid
 //! request, no leader, counter table full) is no decision and counts only in the gRPC metrics.
 //!
+//! **Kuadrant decisions** (`kuadrant.service.ratelimit.v1.RateLimitService`), counted exactly
+//! as ShouldRateLimit's above (hits per descriptor, statuses as answered, the same bound on
+//! (domain, limit) pairs, shared with them) in counters of their own, labels `domain`, `limit`
+//! and `method` (`CheckRateLimit` or `Report`): `tally_kuadrant_hits_total`,
+//! `tally_kuadrant_over_limit_hits_total`, `tally_kuadrant_within_limit_hits_total`,
+//! `tally_kuadrant_near_limit_hits_total`, `tally_kuadrant_shadow_mode_hits_total`. What the
+//! hits did differs by method:
+//! - `CheckRateLimit` debits nothing (a request's `hits_addend` of 0 means 1): its hits are
+//!   the hits checked; within-limit ones would have been admitted, over-limit ones not, and
+//!   near-limit means at least 80 % of the capacity is already used.
+//! - `Report` debits every hit unconditionally (`hits_addend` taken literally: a 0-hit report
+//!   counts 0 hits, but its series appear). Its descriptors' statuses are always `OK`; the
+//!   call's code is `OVER_LIMIT` when a counter it touched now holds more than its capacity,
+//!   and that code is what counts: every hit of an `OVER_LIMIT` report is over-limit (debited
+//!   all the same), every hit of an `OK` one within-limit (near-limit: ≥ 80 % used after it).
+//!   A report never goes over a shadow limit (shadow limits do not make it `OVER_LIMIT`).
+//!
+//! **Raft internals** (this node's, from [`crate::node::stats`]; histograms with no label
+//! unless named):
+//! - `tally_raft_proposed_batch_commands`: commands per batch this node proposed to the log as
+//!   leader (one batch is one log entry; followers forward and propose nothing).
+//! - `tally_raft_applied_batch_commands`: commands per batch entry applied to this replica
+//!   (every replica; a restarted node applies the log after its snapshot again).
+//! - `tally_raft_log_flush_duration_seconds`: per log append, from its hand-off to raft-log's
+//!   flush worker to its `fdatasync` done (the wait behind a sync in progress, the group-commit
+//!   wait, the write and the sync; one sync serves every append waiting: group commit).
+//! - `tally_raft_snapshot_size_bytes` and `tally_raft_snapshot_duration_seconds`, label `kind`:
+//!   `built` (this node's own state: serialize, sync the usage archive, write and fsync) or
+//!   `installed` (received from a leader: decode, restore, write and fsync). Their `_count`
+//!   is how many snapshots of the kind.
+//!
+//! The node records them in bounded hdrhistograms (its own memory is fixed); they reach the
+//! instruments here, value by value, at most a second later (the Raft watch task) and before
+//! every scrape. So `_count` is exact, and so are batch sizes below 2048 (the default
+//! `--batch-max-commands` is 512) and their `_sum`; times and bytes are exact to 1 %.
+//!
 //! **Bounded labels.** `domain` and `limit` come from the network (an Envoy override matches
 //! in any domain), so at most [`MAX_LABEL_SETS`] distinct (domain, limit) pairs get labels of
 //! their own, the first ones seen by this process; every later pair is counted under
 //! `domain="_other", limit="_other"`.
 //!
-//! **gRPC** (the gRPC listener: every service, health, reflection, and unknown paths), labels
-//! `method` (`/package.Service/Method` when the server serves that method, else `_other`:
-//! the set is fixed, from the embedded descriptor set plus health and reflection) and `code`
-//! (the gRPC status name, e.g. `OK`, `InvalidArgument`):
+//! **gRPC** (the gRPC listener: every service, health, reflection, and unknown paths; and the
+//! Raft listener: `tally.v1.Raft`, `tally.v1.Forward`, `tally.v1.Cluster`, unknown paths; one
+//! set of series for both, the methods telling them apart), labels `method`
+//! (`/package.Service/Method` when the server serves that method, else `_other`: the set is
+//! fixed, from the embedded descriptor set plus health and reflection) and `code` (the gRPC
+//! status name, e.g. `OK`, `InvalidArgument`):
 //! - `tally_grpc_requests_total`: calls answered.
 //! - `tally_grpc_request_duration_seconds` (histogram): from the call reaching the routes to
 //!   its response head.
@@ -82,6 +122,7 @@ use tokio::sync::watch;
 
 use crate::engine::{Code, Decision};
 use crate::node::Node;
+use crate::node::stats::{Distribution, NodeStats};
 
 /// Most distinct (domain, limit) label pairs of the rate-limit counters; later pairs are
 /// counted under [`OTHER`].
@@ -96,6 +137,38 @@ pub const CONTENT_TYPE: &str = prometheus::TEXT_FORMAT;
 
 /// Engine status is sampled at most this often (it walks the counter table).
 const ENGINE_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+/// The node's stats reach the instruments at least this often (and before every scrape).
+const NODE_SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// Commands per batch.
+const BATCH_BUCKETS: [f64; 17] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+    16384.0, 32768.0, 65536.0,
+];
+/// A log flush, seconds: tens of microseconds (NVMe) to tens of milliseconds (a busy disk).
+const FLUSH_BUCKETS_S: [f64; 16] = [
+    0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5,
+];
+/// A snapshot, bytes: 1 KiB to 4 GiB by fours.
+const SNAPSHOT_BYTES_BUCKETS: [f64; 12] = [
+    1024.0,
+    4096.0,
+    16384.0,
+    65536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+    1_073_741_824.0,
+    4_294_967_296.0,
+];
+/// A snapshot, seconds.
+const SNAPSHOT_BUCKETS_S: [f64; 13] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Latency buckets, seconds: a decision takes about one fsync.
 const LATENCY_BUCKETS_S: [f64; 15] = [
@@ -112,7 +185,10 @@ struct Inner {
     _provider: SdkMeterProvider,
     registry: prometheus::Registry,
     rls: RlsCounters,
+    kuadrant: RlsCounters,
     label_sets: Mutex<LabelSets>,
+    raft: RaftHistograms,
+    replayed: Mutex<Replayed>,
     grpc_requests: Counter<u64>,
     grpc_duration: Histogram<f64>,
     sampled: Arc<Sampled>,
@@ -127,6 +203,66 @@ struct RlsCounters {
     near: Counter<u64>,
     within: Counter<u64>,
     shadow: Counter<u64>,
+}
+
+/// Which rate-limit call a decision answered (which counters count it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecisionCall {
+    /// Envoy's `ShouldRateLimit`: the `tally_rls_*` counters.
+    ShouldRateLimit,
+    /// Kuadrant's `CheckRateLimit`: `tally_kuadrant_*{method="CheckRateLimit"}`.
+    CheckRateLimit,
+    /// Kuadrant's `Report`: `tally_kuadrant_*{method="Report"}`.
+    Report,
+}
+
+/// The instruments fed from the node's stats.
+struct RaftHistograms {
+    proposed: Histogram<u64>,
+    applied: Histogram<u64>,
+    flush: Histogram<f64>,
+    snapshot_bytes: Histogram<u64>,
+    snapshot_duration: Histogram<f64>,
+}
+
+/// What of the node's stats the instruments hold already: the copies last replayed.
+#[derive(Default)]
+struct Replayed {
+    proposed: Option<hdrhistogram::Histogram<u64>>,
+    applied: Option<hdrhistogram::Histogram<u64>>,
+    flush: Option<hdrhistogram::Histogram<u64>>,
+    built_bytes: Option<hdrhistogram::Histogram<u64>>,
+    built_nanos: Option<hdrhistogram::Histogram<u64>>,
+    installed_bytes: Option<hdrhistogram::Histogram<u64>>,
+    installed_nanos: Option<hdrhistogram::Histogram<u64>>,
+}
+
+/// Records, through `record`, every value of `stats` that `last` does not hold yet (each at
+/// the middle of its histogram bucket: exact where the bucket holds one value), then keeps
+/// the copy as `last`. Nothing is copied while nothing new was recorded.
+fn replay(
+    last: &mut Option<hdrhistogram::Histogram<u64>>,
+    stats: &Distribution,
+    mut record: impl FnMut(u64),
+) {
+    let seen = last.as_ref().map_or(0, |l| l.len());
+    if stats.count() == seen {
+        return;
+    }
+    let now = stats.snapshot().histogram;
+    for v in now.iter_recorded() {
+        let at = v.value_iterated_to();
+        let before = last.as_ref().map_or(0, |l| l.count_at(at));
+        let value = now.median_equivalent(at);
+        for _ in 0..v.count_at_value().saturating_sub(before) {
+            record(value);
+        }
+    }
+    *last = Some(now);
+}
+
+fn nanos_to_s(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
 }
 
 /// Values read by the observable instruments' callbacks at scrape time.
@@ -226,6 +362,60 @@ impl Metrics {
                 "tally_rls_shadow_mode_hits",
                 "Hits that went over a shadow-mode limit (admitted anyway)",
             ),
+        };
+        let kuadrant = RlsCounters {
+            hits: counter(
+                "tally_kuadrant_hits",
+                "Hits of Kuadrant descriptors with a limit, per domain, limit and method",
+            ),
+            over: counter(
+                "tally_kuadrant_over_limit_hits",
+                "Kuadrant hits answered OVER_LIMIT (Report: debited anyway)",
+            ),
+            near: counter(
+                "tally_kuadrant_near_limit_hits",
+                "Kuadrant hits answered OK with at least 80% of the limit used",
+            ),
+            within: counter(
+                "tally_kuadrant_within_limit_hits",
+                "Kuadrant hits answered OK",
+            ),
+            shadow: counter(
+                "tally_kuadrant_shadow_mode_hits",
+                "Kuadrant hits that went over a shadow-mode limit",
+            ),
+        };
+        let raft = RaftHistograms {
+            proposed: meter
+                .u64_histogram("tally_raft_proposed_batch_commands")
+                .with_description("Commands per batch this node proposed to the Raft log as leader")
+                .with_boundaries(BATCH_BUCKETS.to_vec())
+                .build(),
+            applied: meter
+                .u64_histogram("tally_raft_applied_batch_commands")
+                .with_description("Commands per batch entry applied to this replica's engine")
+                .with_boundaries(BATCH_BUCKETS.to_vec())
+                .build(),
+            flush: meter
+                .f64_histogram("tally_raft_log_flush_duration")
+                .with_unit("s")
+                .with_description(
+                    "Raft log append to fdatasync done (group commit: one sync serves many)",
+                )
+                .with_boundaries(FLUSH_BUCKETS_S.to_vec())
+                .build(),
+            snapshot_bytes: meter
+                .u64_histogram("tally_raft_snapshot_size")
+                .with_unit("By")
+                .with_description("Snapshots built or installed, bytes, per kind")
+                .with_boundaries(SNAPSHOT_BYTES_BUCKETS.to_vec())
+                .build(),
+            snapshot_duration: meter
+                .f64_histogram("tally_raft_snapshot_duration")
+                .with_unit("s")
+                .with_description("Time to build or install a snapshot, per kind")
+                .with_boundaries(SNAPSHOT_BUCKETS_S.to_vec())
+                .build(),
         };
         let grpc_requests = counter(
             "tally_grpc_requests",
@@ -333,7 +523,10 @@ impl Metrics {
             _provider: provider,
             registry,
             rls,
+            kuadrant,
             label_sets: Mutex::new(LabelSets::default()),
+            raft,
+            replayed: Mutex::new(Replayed::default()),
             grpc_requests,
             grpc_duration,
             sampled,
@@ -341,6 +534,17 @@ impl Metrics {
             _gauges: gauges,
             _counters: counters,
         }))
+    }
+
+    /// A meter of this server's provider, for instruments made elsewhere
+    /// (`usage_metrics.rs`); each `scope` is its own set of instruments.
+    pub fn meter(
+        &self,
+        scope: impl Into<std::borrow::Cow<'static, str>>,
+    ) -> opentelemetry::metrics::Meter {
+        self.0
+            ._provider
+            .meter_with_scope(opentelemetry::InstrumentationScope::builder(scope).build())
     }
 
     /// Every metric in Prometheus's text exposition format ([`CONTENT_TYPE`]).
@@ -354,25 +558,36 @@ impl Metrics {
             })
     }
 
-    /// Counts one answered ShouldRateLimit decision (see the module docs). `hits[i]`: the
-    /// hits of descriptor `i` (its own `hits_addend`, else the request's); `request_hits`:
-    /// the request's.
+    /// Counts one answered decision of `call` (see the module docs). `hits[i]`: the hits of
+    /// descriptor `i` (its own `hits_addend`, else the request's); `request_hits`: the
+    /// request's.
     pub fn record_decision(
         &self,
+        call: DecisionCall,
         domain: &str,
         hits: &[u64],
         request_hits: u64,
         decision: &Decision,
     ) {
-        let rls = &self.0.rls;
+        let (rls, method) = match call {
+            DecisionCall::ShouldRateLimit => (&self.0.rls, None),
+            DecisionCall::CheckRateLimit => (&self.0.kuadrant, Some("CheckRateLimit")),
+            DecisionCall::Report => (&self.0.kuadrant, Some("Report")),
+        };
         for (i, status) in decision.statuses.iter().enumerate() {
             let Some(limit) = &status.current_limit else {
                 continue;
             };
             let n = hits.get(i).copied().unwrap_or(request_hits);
-            let labels = self.rls_labels(domain, &limit.name);
+            let labels = self.rls_labels(domain, &limit.name, method);
             rls.hits.add(n, &labels);
-            match status.code {
+            // Report's statuses are all OK (it debits unconditionally): whether it went over a
+            // limit is the call's code.
+            let code = match call {
+                DecisionCall::Report => decision.code,
+                _ => status.code,
+            };
+            match code {
                 Code::OverLimit => rls.over.add(n, &labels),
                 Code::Ok => {
                     rls.within.add(n, &labels);
@@ -400,23 +615,23 @@ impl Metrics {
             if !reported {
                 n = request_hits;
             }
-            rls.shadow.add(n, &self.rls_labels(domain, name));
+            rls.shadow.add(n, &self.rls_labels(domain, name, method));
         }
     }
 
-    fn rls_labels(&self, domain: &str, limit: &str) -> [KeyValue; 2] {
+    /// `domain` and `limit` (or [`OTHER`] past the bound), and `method` if given.
+    fn rls_labels(&self, domain: &str, limit: &str, method: Option<&'static str>) -> Vec<KeyValue> {
         let limit = if limit.is_empty() { UNNAMED } else { limit };
+        let mut labels = Vec::with_capacity(3);
         if self.0.label_sets.lock().admit(domain, limit) {
-            [
-                KeyValue::new("domain", domain.to_owned()),
-                KeyValue::new("limit", limit.to_owned()),
-            ]
+            labels.push(KeyValue::new("domain", domain.to_owned()));
+            labels.push(KeyValue::new("limit", limit.to_owned()));
         } else {
-            [
-                KeyValue::new("domain", OTHER),
-                KeyValue::new("limit", OTHER),
-            ]
+            labels.push(KeyValue::new("domain", OTHER));
+            labels.push(KeyValue::new("limit", OTHER));
         }
+        labels.extend(method.map(|m| KeyValue::new("method", m)));
+        labels
     }
 
     /// Counts one gRPC call answered with `code` (`grpc-status`) after `elapsed`.
@@ -430,9 +645,12 @@ impl Metrics {
     }
 
     /// Follows this node's Raft metrics until `stop` turns true (or Raft ends): the Raft
-    /// gauges and the leader-change counter.
+    /// gauges and the leader-change counter; and every second the node's stats (batch sizes,
+    /// log flushes, snapshots).
     pub async fn watch_raft(self, node: Node, mut stop: watch::Receiver<bool>) {
         let mut rx = node.raft().metrics();
+        let mut tick = tokio::time::interval(NODE_SAMPLE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_leader: Option<(u64, u64)> = None;
         let s = &self.0.sampled;
         loop {
@@ -460,13 +678,54 @@ impl Metrics {
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick() => self.sample_node(node.stats()),
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
     }
 
-    /// Samples this replica's engine status, unless it was sampled less than a second ago.
+    /// Records into the Raft histograms what the node's stats gained since the last call (see
+    /// the module docs). Work in proportion to the values recorded since; none when idle.
+    pub fn sample_node(&self, stats: &NodeStats) {
+        let h = &self.0.raft;
+        let mut r = self.0.replayed.lock();
+        replay(&mut r.proposed, &stats.proposed_batch_commands, |v| {
+            h.proposed.record(v, &[]);
+        });
+        replay(&mut r.applied, &stats.applied_batch_commands, |v| {
+            h.applied.record(v, &[]);
+        });
+        replay(&mut r.flush, &stats.log_flush_nanos, |v| {
+            h.flush.record(nanos_to_s(v), &[]);
+        });
+        let built = [KeyValue::new("kind", "built")];
+        replay(&mut r.built_bytes, &stats.snapshots_built.bytes, |v| {
+            h.snapshot_bytes.record(v, &built);
+        });
+        replay(&mut r.built_nanos, &stats.snapshots_built.nanos, |v| {
+            h.snapshot_duration.record(nanos_to_s(v), &built);
+        });
+        let installed = [KeyValue::new("kind", "installed")];
+        replay(
+            &mut r.installed_bytes,
+            &stats.snapshots_installed.bytes,
+            |v| {
+                h.snapshot_bytes.record(v, &installed);
+            },
+        );
+        replay(
+            &mut r.installed_nanos,
+            &stats.snapshots_installed.nanos,
+            |v| {
+                h.snapshot_duration.record(nanos_to_s(v), &installed);
+            },
+        );
+    }
+
+    /// Samples this replica's engine status, unless it was sampled less than a second ago;
+    /// and the node's stats, always (what a scrape reads is up to date).
     pub async fn sample_engine(&self, node: &Node) {
+        self.sample_node(node.stats());
         {
             let mut last = self.0.last_engine_sample.lock();
             if last.is_some_and(|t| t.elapsed() < ENGINE_SAMPLE_EVERY) {
@@ -604,7 +863,9 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: axum::http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: axum::http::Request<B>) -> Self::Future {
+        // For the services that count what they decide (Kuadrant).
+        request.extensions_mut().insert(self.metrics.clone());
         let mut call = CallGuard {
             metrics: self.metrics.clone(),
             method: method_label(request.uri().path()),
@@ -693,6 +954,7 @@ mod tests {
         for i in 0..MAX_LABEL_SETS + extra {
             let name = format!("limit-{i}");
             m.record_decision(
+                DecisionCall::ShouldRateLimit,
                 "d",
                 &[2],
                 2,
@@ -701,6 +963,7 @@ mod tests {
         }
         // A pair admitted before the bound keeps its own labels after it.
         m.record_decision(
+            DecisionCall::ShouldRateLimit,
             "d",
             &[1],
             1,
@@ -751,7 +1014,13 @@ mod tests {
             },
             status(Code::Ok, "", 4, 0), // unnamed, full: near
         ];
-        m.record_decision("d", &[1, 2, 3, 4, 5], 1, &decision(statuses, &["a", "s"]));
+        m.record_decision(
+            DecisionCall::ShouldRateLimit,
+            "d",
+            &[1, 2, 3, 4, 5],
+            1,
+            &decision(statuses, &["a", "s"]),
+        );
         let text = m.render();
         let at = |name: &str, limit: &str| {
             sample(&text, name, &format!(r#"domain="d",limit="{limit}""#))
@@ -802,5 +1071,112 @@ mod tests {
         assert!(!b.render().contains("tally_grpc_requests_total"));
         // Raft and engine values are absent until sampled.
         assert!(!a.render().contains("tally_raft_term"));
+    }
+
+    #[test]
+    fn kuadrant_decisions_count_apart_per_method() {
+        let m = Metrics::new();
+        let ok = || decision(vec![status(Code::Ok, "k", 10, 1)], &[]);
+        let over = || decision(vec![status(Code::OverLimit, "k", 10, 0)], &[]);
+        m.record_decision(DecisionCall::CheckRateLimit, "d", &[1], 1, &ok());
+        m.record_decision(DecisionCall::CheckRateLimit, "d", &[2], 2, &over());
+        // A report's statuses are OK; the call's code says it went over.
+        let mut report_over = decision(vec![status(Code::Ok, "k", 10, 0)], &[]);
+        report_over.code = Code::OverLimit;
+        m.record_decision(DecisionCall::Report, "d", &[4], 4, &report_over);
+        m.record_decision(DecisionCall::Report, "d", &[0], 0, &ok());
+        m.record_decision(DecisionCall::ShouldRateLimit, "d", &[7], 7, &ok());
+        let text = m.render();
+        let at = |name: &str, method: &str| {
+            sample(
+                &text,
+                &format!("tally_kuadrant_{name}_total"),
+                &format!(r#"domain="d",limit="k",method="{method}""#),
+            )
+        };
+        assert_eq!(at("hits", "CheckRateLimit"), Some(3.0));
+        assert_eq!(at("within_limit_hits", "CheckRateLimit"), Some(1.0));
+        assert_eq!(at("near_limit_hits", "CheckRateLimit"), Some(1.0));
+        assert_eq!(at("over_limit_hits", "CheckRateLimit"), Some(2.0));
+        assert_eq!(at("hits", "Report"), Some(4.0));
+        assert_eq!(at("over_limit_hits", "Report"), Some(4.0));
+        // A 0-hit report: answered OK, counted as 0 hits.
+        assert_eq!(at("within_limit_hits", "Report"), Some(0.0));
+        // ShouldRateLimit's counters are apart, and have no method label.
+        let rls = r#"domain="d",limit="k""#;
+        assert_eq!(sample(&text, "tally_rls_hits_total", rls), Some(7.0));
+        assert!(!text.contains(r#"tally_rls_hits_total{domain="d",limit="k",method"#));
+    }
+
+    #[test]
+    fn node_stats_reach_the_histograms_once_each() {
+        let m = Metrics::new();
+        let stats = NodeStats::new();
+        // Nothing recorded: no histogram at all.
+        m.sample_node(&stats);
+        assert!(!m.render().contains("tally_raft_proposed_batch_commands"));
+        for n in [1, 1, 5] {
+            stats.proposed_batch_commands.record(n);
+        }
+        stats.applied_batch_commands.record(3);
+        stats.log_flush_nanos.record(2_000_000);
+        stats.snapshots_built.bytes.record(100);
+        stats.snapshots_built.nanos.record(50_000_000);
+        m.sample_node(&stats);
+        // Sampled again with nothing new: nothing counted twice.
+        m.sample_node(&stats);
+        let text = m.render();
+        let plain = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(|v| v.parse::<f64>().unwrap())
+        };
+        assert_eq!(plain("tally_raft_proposed_batch_commands_count"), Some(3.0));
+        assert_eq!(plain("tally_raft_proposed_batch_commands_sum"), Some(7.0));
+        assert_eq!(
+            sample(
+                &text,
+                "tally_raft_proposed_batch_commands_bucket",
+                r#"le="1""#
+            ),
+            Some(2.0)
+        );
+        assert_eq!(plain("tally_raft_applied_batch_commands_sum"), Some(3.0));
+        assert_eq!(
+            plain("tally_raft_log_flush_duration_seconds_count"),
+            Some(1.0)
+        );
+        let flush = plain("tally_raft_log_flush_duration_seconds_sum").unwrap();
+        assert!((flush - 0.002).abs() < 0.000_02, "{flush}");
+        let built = r#"kind="built""#;
+        assert_eq!(
+            sample(&text, "tally_raft_snapshot_size_bytes_sum", built),
+            Some(100.0)
+        );
+        assert_eq!(
+            sample(&text, "tally_raft_snapshot_duration_seconds_count", built),
+            Some(1.0)
+        );
+        assert!(!text.contains(r#"kind="installed""#));
+        // Later values add to what was there.
+        stats.proposed_batch_commands.record(2);
+        stats.snapshots_installed.bytes.record(4096);
+        m.sample_node(&stats);
+        let text = m.render();
+        let plain = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")))
+                .map(|v| v.parse::<f64>().unwrap())
+        };
+        assert_eq!(plain("tally_raft_proposed_batch_commands_count"), Some(4.0));
+        assert_eq!(plain("tally_raft_proposed_batch_commands_sum"), Some(9.0));
+        assert_eq!(
+            sample(
+                &text,
+                "tally_raft_snapshot_size_bytes_count",
+                r#"kind="installed""#
+            ),
+            Some(1.0)
+        );
     }
 }

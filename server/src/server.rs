@@ -89,6 +89,9 @@ pub struct ServerConfig {
     pub raft_tls: Option<TlsConfig>,
     /// Paths ext_authz's Check passes without an API key (exact match, query string ignored).
     pub authz_public_paths: Vec<String>,
+    /// The usage metrics' labels and bound (`--metrics-usage-labels`,
+    /// `--metrics-max-usage-series`).
+    pub usage_metrics: crate::usage_metrics::UsageMetricsConfig,
 }
 
 impl Default for ServerConfig {
@@ -116,6 +119,7 @@ impl Default for ServerConfig {
             tls: None,
             raft_tls: None,
             authz_public_paths: api::AuthzConfig::default().public_paths,
+            usage_metrics: crate::usage_metrics::UsageMetricsConfig::default(),
         }
     }
 }
@@ -399,6 +403,12 @@ async fn run_with(
     // One per server (tests run several in a process): `/metrics` on the HTTP listener.
     let metrics = crate::metrics::Metrics::new();
     tokio::spawn(metrics.clone().watch_raft(node.clone(), stop_rx.clone()));
+    tokio::spawn(crate::usage_metrics::run(
+        node.clone(),
+        metrics.clone(),
+        config.usage_metrics,
+        stop_rx.clone(),
+    ));
     // A Raft that stopped on its own cannot be revived in this process: stop serving and
     // return an error, so the process exits non-zero and its supervisor restarts it.
     let failure = Arc::new(parking_lot::Mutex::new(None));
@@ -446,6 +456,7 @@ async fn run_with(
         auth.clone(),
         config.raft_tls.clone(),
         stop_rx.clone(),
+        metrics.clone(),
     ));
     tokio::spawn(crate::event_log::run(node.clone(), stop_rx.clone()));
     tokio::spawn(put_limits_in_force(
@@ -516,13 +527,15 @@ async fn run_with(
 }
 
 /// Serves Raft, forwarding and cluster operations to peers. Cluster operations are behind
-/// the admin API's tokens ([`AuthLayer`]); Raft and forwarding are node-to-node.
+/// the admin API's tokens ([`AuthLayer`]); Raft and forwarding are node-to-node. Every call
+/// (unknown paths too) is counted and timed in `metrics`, as on the gRPC listener.
 async fn serve_raft(
     listener: TcpListener,
     node: Node,
     auth: SharedAuth,
     tls: Option<TlsConfig>,
     stop: watch::Receiver<bool>,
+    metrics: crate::metrics::Metrics,
 ) -> Result<(), ServerError> {
     use tower_layer::Layer;
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -532,11 +545,15 @@ async fn serve_raft(
         // certificate signed by it fails the handshake and reaches no service.
         builder = builder.tls_config(tls.grpc())?;
     }
+    let routes = tonic::service::Routes::new(api::raft::raft_service_for(&node))
+        .add_service(crate::node::forward::forward_service(node.clone()))
+        .add_service(AuthLayer::new(auth).layer(api::cluster::cluster_service(node)));
+    // Outermost, over the fallback as well.
+    let routes =
+        tonic::service::Routes::from(routes.into_axum_router().layer(metrics.grpc_layer()));
     builder
         .tcp_nodelay(true)
-        .add_service(api::raft::raft_service_for(&node))
-        .add_service(crate::node::forward::forward_service(node.clone()))
-        .add_service(AuthLayer::new(auth).layer(api::cluster::cluster_service(node)))
+        .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, stopped(stop))
         .await?;
     Ok(())

@@ -1,4 +1,8 @@
 //! Kuadrant's (Limitador's) `CheckRateLimit` and `Report`.
+//!
+//! Their decisions are counted in the `tally_kuadrant_*` metrics (per method; see
+//! [`crate::metrics`]), through the [`Metrics`] the gRPC routes' metrics layer puts in every
+//! request's extensions (a call served without that layer is not counted).
 
 use tally_proto::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use tally_proto::kuadrant::service::ratelimit::v1::rate_limit_service_server::RateLimitService;
@@ -9,6 +13,7 @@ use super::deadline;
 use super::rls::decide_and_record;
 use super::rls_usage::CallIds;
 use crate::engine::Mode;
+use crate::metrics::{DecisionCall, Metrics};
 use crate::node::Node;
 
 pub struct Kuadrant {
@@ -33,12 +38,23 @@ impl RateLimitService for Kuadrant {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let deadline = deadline::of(&request);
+        let metrics = request.extensions().get::<Metrics>().cloned();
         let cmd = convert::command(
             request.into_inner(),
             Mode::CheckOnly,
             RequestHits::ZeroMeansOne,
         );
-        decide_and_record(&self.node, cmd, false, &self.ids, deadline, self.options).await
+        decide_and_record(
+            &self.node,
+            cmd,
+            false,
+            &self.ids,
+            deadline,
+            self.options,
+            metrics.as_ref(),
+            DecisionCall::CheckRateLimit,
+        )
+        .await
     }
 
     /// Debits `hits_addend` (taken literally: 0 adds nothing) on every matched counter,
@@ -49,7 +65,18 @@ impl RateLimitService for Kuadrant {
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
         let deadline = deadline::of(&request);
+        let metrics = request.extensions().get::<Metrics>().cloned();
         let cmd = convert::command(request.into_inner(), Mode::Report, RequestHits::Literal);
-        decide_and_record(&self.node, cmd, true, &self.ids, deadline, self.options).await
+        decide_and_record(
+            &self.node,
+            cmd,
+            true,
+            &self.ids,
+            deadline,
+            self.options,
+            metrics.as_ref(),
+            DecisionCall::Report,
+        )
+        .await
     }
 }

@@ -5,7 +5,8 @@
 //! ASCII, at most [`MAX_REQUEST_ID_BYTES`]: it lands in logs), else one drawn here
 //! (`t-` + 16 hex digits, unique within the process). It is sent back as `x-request-id`
 //! response metadata, so a client can quote it. A W3C `traceparent` the caller sent is kept
-//! as a field too (checked for its shape), to join Tally's lines to the caller's trace.
+//! as a field too (checked for its shape), to join Tally's lines to the caller's trace, and
+//! becomes the span's OpenTelemetry parent when traces are exported (`crate::otlp`).
 //!
 //! The span is entered while the inner service is called and for its whole future, so the
 //! auth layer's refusals and the handlers' lines all carry it.
@@ -15,8 +16,22 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use axum::http::{HeaderValue, Request, Response};
+use axum::http::{HeaderMap, HeaderValue, Request, Response};
 use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Request headers as OpenTelemetry's propagators read them.
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
 
 /// Longest request id taken from a caller.
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -101,6 +116,13 @@ where
             request_id = %id,
             traceparent = trace.as_deref(),
         );
+        if trace.is_some() {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(headers))
+            });
+            // Without an OpenTelemetry layer (no --otlp-endpoint) there is nothing to set.
+            let _ = span.set_parent(parent);
+        }
         let response = {
             let _entered = span.enter();
             self.inner.call(request)

@@ -11,7 +11,7 @@ use super::rls_reserve;
 use super::rls_usage::{self, CallIds};
 use super::{deadline, status};
 use crate::engine::{Command, Decision, Mode, Outcome, RateLimitCommand};
-use crate::metrics::Metrics;
+use crate::metrics::{DecisionCall, Metrics};
 use crate::node::Node;
 
 pub struct Rls {
@@ -38,7 +38,9 @@ impl Rls {
 /// metering quotas (see `rls_usage`); `request_hits_count`: the request-level hits are usage
 /// too (Kuadrant's Report). Nothing is recorded for an invalid command. Answers UNAVAILABLE,
 /// not DEADLINE_EXCEEDED, when no decision comes within the caller's deadline, so Envoy
-/// applies its failure mode.
+/// applies its failure mode. The decision is counted in `metrics` as `call`'s (when given;
+/// a call answered with an error is no decision and counts nothing there).
+#[allow(clippy::too_many_arguments)]
 pub async fn decide_and_record(
     node: &Node,
     cmd: RateLimitCommand,
@@ -46,9 +48,38 @@ pub async fn decide_and_record(
     ids: &CallIds,
     deadline: Option<Duration>,
     options: ResponseOptions,
+    metrics: Option<&Metrics>,
+    call: DecisionCall,
 ) -> Result<Response<RateLimitResponse>, Status> {
+    // What the metrics count the decision's statuses with (the command is moved below).
+    let counted = metrics.map(|m| (m, Counted::of(&cmd)));
     let decision = decide_and_record_decision(node, cmd, request_hits_count, ids, deadline).await?;
+    if let Some((m, c)) = counted {
+        m.record_decision(call, &c.domain, &c.hits, c.request_hits, &decision);
+    }
     Ok(Response::new(convert::response(&decision, options)))
+}
+
+/// A command's domain and hits, as the decision metrics count them.
+struct Counted {
+    domain: String,
+    /// Per descriptor: its own hits if it has them, else the request's.
+    hits: Vec<u64>,
+    request_hits: u64,
+}
+
+impl Counted {
+    fn of(cmd: &RateLimitCommand) -> Counted {
+        Counted {
+            domain: cmd.domain.clone(),
+            hits: cmd
+                .descriptors
+                .iter()
+                .map(|d| d.hits.unwrap_or(cmd.hits))
+                .collect(),
+            request_hits: cmd.hits,
+        }
+    }
 }
 
 /// [`decide_and_record`], answering the decision itself (with the hard quotas' checks merged
@@ -112,19 +143,17 @@ impl RateLimitService for Rls {
             Mode::Enforce,
             RequestHits::ZeroMeansOne,
         );
-        // What the metrics count a decision's statuses with (the command is moved below).
-        let domain = cmd.domain.clone();
-        let hits: Vec<u64> = cmd
-            .descriptors
-            .iter()
-            .map(|d| d.hits.unwrap_or(cmd.hits))
-            .collect();
-        let request_hits = cmd.hits;
         // Usage descriptors (Envoy's stream-done call) are recorded, and limited as well.
-        let decision =
-            decide_and_record_decision(&self.node, cmd, false, &self.ids, deadline).await?;
-        self.metrics
-            .record_decision(&domain, &hits, request_hits, &decision);
-        Ok(Response::new(convert::response(&decision, self.options)))
+        decide_and_record(
+            &self.node,
+            cmd,
+            false,
+            &self.ids,
+            deadline,
+            self.options,
+            Some(&self.metrics),
+            DecisionCall::ShouldRateLimit,
+        )
+        .await
     }
 }

@@ -43,6 +43,11 @@
 //! checks this with the worker's own counters ([`LogStoreStats::fsyncs`] against
 //! [`LogStoreStats::flush_requests`]).
 //!
+//! A store given the node's [`NodeStats`] ([`LogStore::with_stats`]) records there how long each
+//! append's flush took, from its hand-off to the flush worker to its callback (so the wait
+//! behind a sync in progress, the group-commit wait, the write and the `fdatasync`), recorded
+//! on the worker before openraft hears of it.
+//!
 //! # Memory bound
 //!
 //! `raft-log` keeps every payload of the *open* chunk in memory (they may not be on disk yet) and
@@ -93,7 +98,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend};
@@ -104,6 +109,7 @@ use raft_log::codeq::{Decode, Encode};
 use tokio::sync::oneshot;
 
 use super::raft_types::{Entry, LogId, StorageError, TypeConfig, Vote};
+use super::stats::NodeStats;
 
 /// The version byte in front of every encoded entry payload.
 const PAYLOAD_FORMAT_V1: u8 = 1;
@@ -189,6 +195,8 @@ pub struct LogStoreStats {
 /// The durable Raft log store. Hand it to openraft; keep a [`LogStoreHandle`] to close it.
 pub struct LogStore {
     shared: Arc<Shared>,
+    /// Where appends' flush times go, if anywhere.
+    stats: Option<Arc<NodeStats>>,
 }
 
 /// A cheap reader sharing the store's log, as openraft's replication tasks use it.
@@ -266,7 +274,14 @@ impl LogStore {
                 dir: dir.to_path_buf(),
                 log: Mutex::new(Some(log)),
             }),
+            stats: None,
         })
+    }
+
+    /// Records every append's flush time in `stats` ([`NodeStats::log_flush_nanos`]).
+    pub fn with_stats(mut self, stats: Arc<NodeStats>) -> LogStore {
+        self.stats = Some(stats);
+        self
     }
 
     /// The directory the log lives in.
@@ -299,6 +314,7 @@ impl LogStore {
                 ))
             })
             .collect::<io::Result<Vec<_>>>()?;
+        let stats = self.stats.clone();
         self.shared
             .blocking(move |log| {
                 // Entries at or below the purge point are already covered by a snapshot (openraft
@@ -308,7 +324,11 @@ impl LogStore {
                     .into_iter()
                     .filter(|(id, _)| purged.is_none_or(|p| id.0.index > p));
                 log.append(fresh)?;
-                log.flush(true, Some(callback))
+                let timer = stats.map(|stats| FlushTimer {
+                    since: Instant::now(),
+                    stats,
+                });
+                log.flush(true, Some(Flush { callback, timer }))
             })
             .await
     }
@@ -325,7 +345,7 @@ impl LogStoreHandle {
                 return Ok(());
             };
             let (tx, rx) = oneshot::channel();
-            log.flush(true, Some(FlushCallback::Notify(tx)))?;
+            log.flush(true, Some(FlushCallback::Notify(tx).into()))?;
             let synced = rx
                 .blocking_recv()
                 .unwrap_or_else(|_| Err(io::Error::other("flush worker stopped before syncing")));
@@ -393,7 +413,7 @@ impl Shared {
         let value = self
             .blocking(move |log| {
                 let value = f(log)?;
-                log.flush(true, Some(FlushCallback::Notify(tx)))?;
+                log.flush(true, Some(FlushCallback::Notify(tx).into()))?;
                 Ok(value)
             })
             .await?;
@@ -653,7 +673,7 @@ impl raft_log::Types for TallyWal {
     type LogId = WalLogId;
     type LogPayload = WalPayload;
     type Vote = WalVote;
-    type Callback = FlushCallback;
+    type Callback = Flush;
     type UserData = ();
 
     fn log_index(log_id: &WalLogId) -> u64 {
@@ -794,9 +814,35 @@ enum FlushCallback {
     Notify(oneshot::Sender<io::Result<()>>),
 }
 
-impl raft_log::Callback for FlushCallback {
+/// When a timed flush was handed to the worker, and where its time goes.
+struct FlushTimer {
+    since: Instant,
+    stats: Arc<NodeStats>,
+}
+
+/// What the flush worker is given: the callback, and for an append of a store with stats, its
+/// timer.
+struct Flush {
+    callback: FlushCallback,
+    timer: Option<FlushTimer>,
+}
+
+impl From<FlushCallback> for Flush {
+    fn from(callback: FlushCallback) -> Flush {
+        Flush {
+            callback,
+            timer: None,
+        }
+    }
+}
+
+impl raft_log::Callback for Flush {
     fn send(self, res: io::Result<()>) {
-        match self {
+        // Recorded first: once openraft hears, the entry may commit and its callers be answered.
+        if let (Some(t), Ok(())) = (&self.timer, &res) {
+            t.stats.log_flush_nanos.record_duration(t.since.elapsed());
+        }
+        match self.callback {
             FlushCallback::Raft(callback) => callback.log_io_completed(res),
             FlushCallback::Notify(tx) => {
                 let _ = tx.send(res);
@@ -1297,6 +1343,30 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(all_entries(&mut store).await, vec![batch_entry(2, 121, 1)]);
+    }
+
+    #[tokio::test]
+    async fn a_store_with_stats_times_every_append_flush_before_its_callback() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(NodeStats::new());
+        let mut store = LogStore::open(dir.path())
+            .unwrap()
+            .with_stats(stats.clone());
+        for i in 1..=3 {
+            let (tx, rx) = oneshot::channel();
+            store
+                .append_with(vec![batch_entry(1, i, 10)], FlushCallback::Notify(tx))
+                .await
+                .unwrap();
+            rx.await.unwrap().unwrap();
+            // Recorded by the time the callback is heard.
+            assert_eq!(stats.log_flush_nanos.count(), i);
+        }
+        // A vote is synced too, but only appends are timed.
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        let flushes = stats.log_flush_nanos.snapshot();
+        assert_eq!(flushes.count(), 3);
+        assert!(flushes.sum > 0);
     }
 
     #[tokio::test]

@@ -21,6 +21,8 @@
 //!   service for them.
 //! - [`membership`]: adding, promoting and removing members (on the leader).
 //! - [`retired_peers`]: no Raft message to a removed node's id.
+//! - [`stats`]: batch sizes, log flush times and snapshots, as plain numbers
+//!   ([`Node::stats`]; `crate::metrics` exports them).
 
 mod backfill;
 pub mod clock;
@@ -33,6 +35,7 @@ mod proposer;
 pub mod raft_types;
 pub mod retired_peers;
 pub mod state_machine;
+pub mod stats;
 pub mod usage_archive;
 
 use std::collections::BTreeMap;
@@ -47,6 +50,7 @@ use crate::engine::{Command, Engine, EngineSettings, Outcome};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use proposer::MAX_INFLIGHT_BATCHES;
 use raft_types::{NodeId, Raft};
+use stats::NodeStats;
 
 /// Commands waiting for a batch at most; proposers wait (backpressure) beyond it.
 pub const MAX_QUEUED_COMMANDS: usize = 65_536;
@@ -185,6 +189,9 @@ pub struct Node {
     forward: Arc<dyn forward::ForwardTransport>,
     /// Set by [`Node::shutdown`], so a Raft stopped on purpose is not taken for a failure.
     stopping: Arc<AtomicBool>,
+    /// Batch sizes, log flushes and snapshots (recorded by the proposer, the log store and the
+    /// state machine).
+    stats: Arc<NodeStats>,
 }
 
 impl Node {
@@ -202,10 +209,12 @@ impl Node {
         peer_tls: Option<tonic::transport::ClientTlsConfig>,
     ) -> Result<Node, NodeStartError> {
         claim_data_dir(&config)?;
-        let log = log_store::LogStore::open(&config.data_dir.join("log"))?;
+        let stats = Arc::new(NodeStats::new());
+        let log =
+            log_store::LogStore::open(&config.data_dir.join("log"))?.with_stats(stats.clone());
         let network = network::Network::with_tls(config.node_id, peer_tls.clone());
         let forward = Arc::new(forward::Forwarder::with_tls(config.node_id, peer_tls));
-        let node = Node::start_with(config, log, network, forward).await?;
+        let node = Node::start_with_stats(config, log, network, forward, stats).await?;
         // Over gRPC only: the simulator's transport cannot read peers' archives. It reads
         // through `forward` (with the same TLS).
         tokio::spawn(backfill::run(node.clone()));
@@ -213,13 +222,31 @@ impl Node {
     }
 
     /// Starts a node on the given log store, Raft network and forwarding transport (the
-    /// simulator gives in-memory ones). The state machine lives in `data_dir/state`.
+    /// simulator gives in-memory ones). The state machine lives in `data_dir/state`. The log
+    /// store given records no flush times in [`Node::stats`].
     #[allow(clippy::result_large_err)]
     pub async fn start_with<L, N>(
         config: NodeConfig,
         log: L,
         network: N,
         forward: Arc<dyn forward::ForwardTransport>,
+    ) -> Result<Node, NodeStartError>
+    where
+        L: openraft::storage::RaftLogStorage<raft_types::TypeConfig>,
+        N: openraft::RaftNetworkFactory<raft_types::TypeConfig>,
+    {
+        let stats = Arc::new(NodeStats::new());
+        Node::start_with_stats(config, log, network, forward, stats).await
+    }
+
+    /// [`Node::start_with`], recording into `stats` (which the log store may share).
+    #[allow(clippy::result_large_err)]
+    async fn start_with_stats<L, N>(
+        config: NodeConfig,
+        log: L,
+        network: N,
+        forward: Arc<dyn forward::ForwardTransport>,
+        stats: Arc<NodeStats>,
     ) -> Result<Node, NodeStartError>
     where
         L: openraft::storage::RaftLogStorage<raft_types::TypeConfig>,
@@ -242,6 +269,7 @@ impl Node {
             &config.data_dir.join("state"),
             config.engine,
             archive.clone(),
+            stats.clone(),
         )?;
         let applied = sm.applied().clone();
         if applied.lock().engine.is_retired(config.node_id) {
@@ -287,6 +315,7 @@ impl Node {
             clock: config.clock.clone(),
             config: config.batch,
             forwarder: forward.clone(),
+            stats: stats.clone(),
         };
         tokio::spawn(proposer.run(rx));
         Ok(Node {
@@ -298,6 +327,7 @@ impl Node {
             archive,
             forward,
             stopping,
+            stats,
         })
     }
 
@@ -483,6 +513,11 @@ impl Node {
 
     pub fn raft(&self) -> &Raft {
         &self.raft
+    }
+
+    /// This node's batch sizes, log flush times and snapshots, cumulative since it started.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
     }
 
     /// True when a leader is known, this node's Raft is running and it is not catching up

@@ -29,6 +29,7 @@ use std::time::Duration;
 use super::forward::ForwardTransport;
 use super::raft_types::{Batch, NodeId, Raft};
 use super::state_machine::Applied;
+use super::stats::NodeStats;
 use super::{BatchConfig, Clock, NodeError};
 use crate::engine::{Command, Engine, Outcome};
 
@@ -230,6 +231,7 @@ pub(super) struct Proposer {
     pub clock: Arc<dyn Clock>,
     pub config: BatchConfig,
     pub forwarder: Arc<dyn ForwardTransport>,
+    pub stats: Arc<NodeStats>,
 }
 
 impl Proposer {
@@ -388,8 +390,11 @@ impl Proposer {
             g.parts.push((g.seen, st.next_stamp(&*self.clock)));
         }
         let (entry, replies, early) = g.into_batch();
+        let commands = entry.commands.len() as u64;
         match self.raft.client_write_ff(entry).await {
             Ok(responder) => {
+                // Before it can commit: counted before any caller waiting for the commit hears.
+                self.stats.proposed_batch_commands.record(commands);
                 tokio::spawn(settle_after_commit(
                     responder,
                     replies,

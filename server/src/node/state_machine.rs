@@ -12,6 +12,9 @@
 //! Usage records also go to the node's on-disk [`UsageArchive`]: copied from the engine's tail
 //! after every batch part, `fdatasync`ed before a snapshot that covers them is persisted, and
 //! reconciled with the engine after a restore (see the archive's docs).
+//!
+//! Into the node's [`NodeStats`] go the commands of every batch applied and the size and time
+//! of every snapshot built or installed.
 
 // openraft's StorageError is what the storage traits return; boxing it here would only move
 // the conversion elsewhere.
@@ -20,6 +23,7 @@
 use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
@@ -29,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::raft_types::{
     BatchOutcome, Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
+use super::stats::NodeStats;
 use super::usage_archive::{ArchiveError, UsageArchive};
 use crate::engine::{Engine, EngineSettings};
 
@@ -65,6 +70,8 @@ pub struct StateMachine {
     built: Arc<std::sync::atomic::AtomicU64>,
     /// Every usage record applied, on disk.
     archive: Arc<UsageArchive>,
+    /// Batch sizes applied, snapshots built and installed.
+    stats: Arc<NodeStats>,
 }
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -77,11 +84,12 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 
 impl StateMachine {
     /// Opens the state machine in `dir`, restoring the last snapshot if there is one, and
-    /// brings `archive` up to the restored engine.
+    /// brings `archive` up to the restored engine. Records into `stats`.
     pub fn open(
         dir: &Path,
         settings: EngineSettings,
         archive: Arc<UsageArchive>,
+        stats: Arc<NodeStats>,
     ) -> Result<StateMachine, StorageError> {
         std::fs::create_dir_all(dir).map_err(write_err)?;
         let path = dir.join(SNAPSHOT_FILE);
@@ -118,6 +126,7 @@ impl StateMachine {
             dir: dir.to_owned(),
             built: Arc::default(),
             archive,
+            stats,
         })
     }
 
@@ -167,6 +176,7 @@ fn decode(bytes: &[u8]) -> Result<SnapshotFile, StorageError> {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let started = Instant::now();
         // Serialized under the lock: the engine's bytes and the log id must match.
         let file = {
             let a = self.applied.lock();
@@ -193,6 +203,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             last_membership: file.membership,
             snapshot_id: file.snapshot_id,
         };
+        let built = &self.stats.snapshots_built;
+        built.bytes.record(bytes.len() as u64);
+        built.nanos.record_duration(started.elapsed());
         let bytes = Arc::new(bytes);
         *self.current.lock() = Some((meta.clone(), bytes.clone()));
         Ok(Snapshot {
@@ -234,6 +247,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         }
                     });
                     archived.map_err(write_err)?;
+                    let commands = batch.commands.len() as u64;
+                    self.stats.applied_batch_commands.record(commands);
                     BatchOutcome { outcomes }
                 }
                 EntryPayload::Membership(m) => {
@@ -259,6 +274,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
+        let started = Instant::now();
         let bytes = snapshot.into_inner();
         let file = decode(&bytes)?;
         let engine = Engine::restore(&file.engine).map_err(read_err)?;
@@ -270,6 +286,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             a.last_applied = meta.last_log_id;
             a.membership = meta.last_membership.clone();
         }
+        let installed = &self.stats.snapshots_installed;
+        installed.bytes.record(bytes.len() as u64);
+        installed.nanos.record_duration(started.elapsed());
         *self.current.lock() = Some((meta.clone(), Arc::new(bytes)));
         Ok(())
     }
