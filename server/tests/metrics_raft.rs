@@ -103,7 +103,11 @@ async fn batch_sizes_log_flushes_and_snapshots_follow_a_known_workload() {
     }
     let mid = scrape(http).await;
     let (proposed1, proposed_sum1) = histogram(&mid, PROPOSED, "");
-    assert_eq!(proposed1 - proposed0, f64::from(sequential), "one batch per call");
+    assert_eq!(
+        proposed1 - proposed0,
+        f64::from(sequential),
+        "one batch per call"
+    );
     assert_eq!(proposed_sum1 - proposed_sum0, f64::from(sequential));
     // One node: every batch proposed is applied, before its callers are answered.
     let (applied1, applied_sum1) = histogram(&mid, APPLIED, "");
@@ -148,8 +152,8 @@ async fn batch_sizes_log_flushes_and_snapshots_follow_a_known_workload() {
     assert!(flushes - flushes0 >= 1.0, "{after}");
     assert!(flush_seconds > 0.0);
 
-    // 70 entries past a snapshot every 10: this node built at least one (in the background,
-    // once enough entries were applied).
+    // At least 31 entries (30 calls, then at least one batch) with a snapshot every 10: this
+    // node built at least one (in the background, once enough entries were applied).
     let built = r#"kind="built""#;
     let text = scrape_until(http, |text| {
         histogram(text, "tally_raft_snapshot_size_bytes", built).0 >= 1.0
@@ -225,9 +229,15 @@ async fn kuadrant_decisions_are_counted_per_method() {
 
     let text = scrape(t.server.http_addr).await;
     assert_eq!(kuadrant(&text, "hits", "CheckRateLimit"), Some(5.0));
-    assert_eq!(kuadrant(&text, "within_limit_hits", "CheckRateLimit"), Some(3.0));
+    assert_eq!(
+        kuadrant(&text, "within_limit_hits", "CheckRateLimit"),
+        Some(3.0)
+    );
     assert_eq!(kuadrant(&text, "near_limit_hits", "CheckRateLimit"), None);
-    assert_eq!(kuadrant(&text, "over_limit_hits", "CheckRateLimit"), Some(2.0));
+    assert_eq!(
+        kuadrant(&text, "over_limit_hits", "CheckRateLimit"),
+        Some(2.0)
+    );
     assert_eq!(kuadrant(&text, "hits", "Report"), Some(7.0));
     assert_eq!(kuadrant(&text, "within_limit_hits", "Report"), Some(5.0));
     assert_eq!(kuadrant(&text, "near_limit_hits", "Report"), Some(5.0));
@@ -318,8 +328,20 @@ async fn a_wiped_follower_counts_the_snapshot_it_installs_and_its_raft_calls() {
     c.start_node(victim, false).await;
     let http = c.node(victim).http_addr;
     let installed = r#"kind="installed""#;
+    // The snapshot came over its Raft listener (the call is counted once it is answered, a
+    // moment after the install), and so do entries and heartbeats.
+    let raft = |text: &str, method: &str| {
+        sample(
+            text,
+            "tally_grpc_requests_total",
+            &format!(r#"code="OK",method="/tally.v1.Raft/{method}""#),
+        )
+        .unwrap_or(0.0)
+    };
     let text = scrape_until(http, |text| {
         histogram(text, "tally_raft_snapshot_size_bytes", installed).0 >= 1.0
+            && raft(text, "InstallSnapshot") >= 1.0
+            && raft(text, "AppendEntries") >= 1.0
     })
     .await;
     let (snapshots, bytes) = histogram(&text, "tally_raft_snapshot_size_bytes", installed);
@@ -327,25 +349,6 @@ async fn a_wiped_follower_counts_the_snapshot_it_installs_and_its_raft_calls() {
     let (timed, seconds) = histogram(&text, "tally_raft_snapshot_duration_seconds", installed);
     assert_eq!(timed, snapshots);
     assert!(seconds > 0.0);
-    // The snapshot came over its Raft listener, and so do entries and heartbeats.
-    let raft = |method: &str| {
-        sample(
-            &text,
-            "tally_grpc_requests_total",
-            &format!(r#"code="OK",method="/tally.v1.Raft/{method}""#),
-        )
-        .unwrap_or(0.0)
-    };
-    assert!(raft("InstallSnapshot") >= 1.0, "{text}");
-    let text = scrape_until(http, |text| {
-        sample(
-            text,
-            "tally_grpc_requests_total",
-            r#"code="OK",method="/tally.v1.Raft/AppendEntries""#,
-        )
-        .is_some_and(|n| n >= 1.0)
-    })
-    .await;
     // A follower proposes nothing of its own (it was wiped: it never led).
     assert_eq!(histogram(&text, PROPOSED, ""), (0.0, 0.0));
     // The leader's own view: the calls' batches, each applied there too.
