@@ -1,7 +1,8 @@
 //! Traces over OTLP: `tallyd --otlp-endpoint` exports a span per gRPC call to an OTLP/gRPC
 //! collector (here a fake one, in-process on port 0), as a child of the caller's W3C
-//! `traceparent`, with the method and request id as attributes. Without the flag no exporter
-//! is made (the default).
+//! `traceparent`, with the method and request id as attributes, and a span per batch
+//! (`raft.batch`, proposal to commit; `raft.apply`). Without the flag no exporter is made
+//! (the default).
 
 mod common;
 
@@ -9,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::tallyd_proc::TallydProc;
+use common::{desc, req};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -16,6 +18,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::trace::v1::Span;
+use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tally_proto::tally::v1::GetStatusRequest;
 use tally_proto::tally::v1::admin_client::AdminClient;
 use tonic::transport::Channel;
@@ -129,6 +132,29 @@ async fn a_grpc_call_is_exported_as_a_child_of_the_callers_trace() {
         Some("trace-test-1")
     );
     assert!(span.end_time_unix_nano >= span.start_time_unix_nano);
+
+    // A decision is a batch: proposed, committed and applied, each a span.
+    let channel = Channel::from_shared(format!("http://{}", node.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut rls = RateLimitServiceClient::new(channel);
+    rls.should_rate_limit(req("ai-gateway", vec![desc(&[("user", "ann")])], 1))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let spans = collector.0.lock().unwrap().clone();
+        let named = |n: &str| spans.iter().any(|s| s.name == n);
+        if named("raft.batch") && named("raft.apply") {
+            let batch = spans.iter().find(|s| s.name == "raft.batch").unwrap();
+            assert!(attribute(batch, "commands").is_some(), "{batch:?}");
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no batch spans within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     node.stop().await;
 }
 

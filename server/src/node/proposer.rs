@@ -19,6 +19,7 @@
 //! the counters then hold fewer hits than were admitted, never more.
 
 use std::sync::Arc;
+use tracing::Instrument;
 
 use openraft::error::ClientWriteError;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -391,17 +392,21 @@ impl Proposer {
         }
         let (entry, replies, early) = g.into_batch();
         let commands = entry.commands.len() as u64;
-        match self.raft.client_write_ff(entry).await {
+        // One span per batch, from its proposal until its callers have their outcomes
+        // (exported as a trace with --otlp-endpoint; its apply is a `raft.apply` span).
+        let span = tracing::info_span!("raft.batch", commands, term);
+        let proposed = self
+            .raft
+            .client_write_ff(entry)
+            .instrument(span.clone())
+            .await;
+        match proposed {
             Ok(responder) => {
                 // Before it can commit: counted before any caller waiting for the commit hears.
                 self.stats.proposed_batch_commands.record(commands);
-                tokio::spawn(settle_after_commit(
-                    responder,
-                    replies,
-                    early,
-                    st.broken.clone(),
-                    permit,
-                ));
+                let settled =
+                    settle_after_commit(responder, replies, early, st.broken.clone(), permit);
+                tokio::spawn(settled.instrument(span));
                 true
             }
             Err(fatal) => {

@@ -239,6 +239,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let outcome = match entry.payload {
                 EntryPayload::Blank => BatchOutcome::default(),
                 EntryPayload::Normal(batch) => {
+                    let _span = tracing::info_span!(
+                        "raft.apply",
+                        index = entry.log_id.index,
+                        commands = batch.commands.len()
+                    )
+                    .entered();
                     let archive = &self.archive;
                     let mut archived = Ok(());
                     let outcomes = batch.apply_with(&mut a.engine, |engine| {
