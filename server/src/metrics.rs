@@ -92,6 +92,7 @@
 //! **Raft** (this node's view, from openraft's metrics, updated on every change):
 //! `tally_raft_term`, `tally_raft_last_log_index`, `tally_raft_last_applied_index`,
 //! `tally_raft_apply_lag` (last log index − last applied), `tally_raft_snapshot_index`,
+//! `tally_raft_commit_index` (leader only: the highest index a majority of voters holds),
 //! `tally_raft_is_leader` (1 or 0), and `tally_raft_leader_changes_total`: how many times
 //! this node saw a new leader, i.e. a known leader for a (term, node) pair different from
 //! the last one seen (the first leader counts; a node re-elected in a new term counts).
@@ -274,6 +275,9 @@ struct Sampled {
     last_applied_index: AtomicU64,
     apply_lag: AtomicU64,
     snapshot_index: AtomicU64,
+    /// Set only while this node leads (a follower does not know the commit index).
+    commit_seen: AtomicBool,
+    commit_index: AtomicU64,
     is_leader: AtomicU64,
     leader_changes: AtomicU64,
     engine_seen: AtomicBool,
@@ -473,6 +477,13 @@ impl Metrics {
                 |s| (&s.raft_seen, &s.snapshot_index),
             ),
             gauge(
+                "tally_raft_commit_index",
+                "",
+                "On the leader: the highest log index a majority of voters holds (its own last \
+                 log index counted for itself); absent on followers",
+                |s| (&s.commit_seen, &s.commit_index),
+            ),
+            gauge(
                 "tally_raft_is_leader",
                 "",
                 "1 when this node is the Raft leader, else 0",
@@ -667,6 +678,11 @@ impl Metrics {
                     .store(m.snapshot.map_or(0, |l| l.index), Ordering::Relaxed);
                 let leads = m.state == openraft::ServerState::Leader;
                 s.is_leader.store(u64::from(leads), Ordering::Relaxed);
+                if leads {
+                    s.commit_index
+                        .store(majority_index(&m, last_log), Ordering::Relaxed);
+                }
+                s.commit_seen.store(leads, Ordering::Relaxed);
                 if let Some(leader) = m.current_leader {
                     let seen = Some((m.current_term, leader));
                     if seen != last_leader {
@@ -908,6 +924,30 @@ impl Drop for CallGuard {
             self.finish(CANCELLED);
         }
     }
+}
+
+/// The highest index a majority of the voters holds, as the leader sees replication
+/// (openraft 0.9's metrics carry no commit index): the leader counts its own last log index.
+fn majority_index(m: &openraft::RaftMetrics<u64, openraft::BasicNode>, own_last: u64) -> u64 {
+    let membership = m.membership_config.membership();
+    let mut matched: Vec<u64> = membership
+        .voter_ids()
+        .map(|id| {
+            if id == m.id {
+                own_last
+            } else {
+                m.replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id).copied().flatten())
+                    .map_or(0, |l| l.index)
+            }
+        })
+        .collect();
+    if matched.is_empty() {
+        return 0;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    matched[matched.len() / 2]
 }
 
 #[cfg(test)]

@@ -190,6 +190,12 @@ async fn raft_and_engine_gauges_are_present_and_sane() {
     assert!(applied >= 2.0, "applied {applied}");
     assert!(last_log >= applied);
     assert_eq!(gauge("tally_raft_apply_lag"), last_log - applied);
+    // A one-node leader is its own majority: everything in its log is committed.
+    let commit = gauge("tally_raft_commit_index");
+    assert!(
+        commit >= applied && commit <= last_log,
+        "{commit} {applied} {last_log}"
+    );
     assert!(gauge("tally_raft_snapshot_index") <= applied);
     // Engine: one counter per user, the three limits of the file.
     assert_eq!(gauge("tally_engine_live_counters"), 3.0);

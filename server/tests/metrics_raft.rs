@@ -355,6 +355,17 @@ async fn a_wiped_follower_counts_the_snapshot_it_installs_and_its_raft_calls() {
     let text = scrape(c.node(leader).http_addr).await;
     let (_, proposed) = histogram(&text, PROPOSED, "");
     assert!(proposed >= 40.0, "{proposed}");
+    // The commit index is the leader's: its applied entries are all committed, and no more
+    // than its log holds. A follower does not report one.
+    let commit = sample(&text, "tally_raft_commit_index", "").expect("leader's commit index");
+    let applied = sample(&text, "tally_raft_last_applied_index", "").unwrap();
+    let last_log = sample(&text, "tally_raft_last_log_index", "").unwrap();
+    assert!(
+        commit >= applied && commit <= last_log,
+        "{commit} {applied} {last_log}"
+    );
+    let follower = scrape(http).await;
+    assert_eq!(sample(&follower, "tally_raft_commit_index", ""), None);
     for i in 1..=3 {
         if c.nodes[i - 1].is_some() {
             c.stop(i).await;
