@@ -293,3 +293,23 @@ async fn a_real_server_with_tokens_admits_the_cli_with_its_token() {
     assert!(!run.stderr.contains(&token));
     server.stop().await.unwrap();
 }
+
+/// `tally ... | head`: output into a pipe whose reader has gone ends the process quietly
+/// (SIGPIPE's default), not with a panic about a broken pipe.
+#[test]
+fn a_closed_pipe_ends_tally_quietly() {
+    for _ in 0..3 {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tally"))
+            .args(["auth", "new-token"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The reader goes away before tally writes (it is still starting).
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!stderr.contains("Broken pipe"), "{stderr}");
+    }
+}

@@ -11,7 +11,7 @@ use tally_proto::tally::v1 as wire;
 use tally_proto::tally::v1::audit_server;
 use tonic::{Request, Response, Status};
 
-use super::auth::{Caller, CallerKind};
+use super::auth::Caller;
 use super::deadline;
 use crate::engine::Command;
 use crate::engine::audit::{Actor, AuditPage, AuditQuery, AuditRecord, Audited, MAX_AUDIT_PAGE};
@@ -49,11 +49,8 @@ pub fn audited(actor: &Actor, command: Command) -> Command {
 
 impl From<&Caller> for Actor {
     fn from(c: &Caller) -> Actor {
-        let role = match c.kind {
-            CallerKind::Token => c.role.as_str(),
-            CallerKind::Loopback => "admin (loopback, no tokens configured)",
-        };
-        Actor::from_parts(&c.name, role)
+        // A loopback caller (no tokens configured) is named `loopback`, with role admin.
+        Actor::from_parts(&c.name, c.role.as_str())
     }
 }
 
