@@ -20,8 +20,8 @@ use crate::node::Node;
 
 /// How often the log task looks for new events.
 pub const EVENT_LOG_POLL: Duration = Duration::from_millis(100);
-/// Most events read at once.
-const PAGE: usize = 512;
+/// Most items read at once.
+pub const PAGE: usize = 512;
 /// The log target of event lines.
 pub const TARGET: &str = "tally::usage_event";
 
@@ -34,10 +34,6 @@ pub async fn run(node: Node, stop: watch::Receiver<bool>) {
         last: Engine::last_event_seq,
         after: Engine::events_after,
         seq: |e: &Event| e.seq,
-        log,
-        what: "quota events",
-        kept: MAX_EVENTS,
-        target: TARGET,
     };
     let audit = Follow {
         last: Engine::last_audit_seq,
@@ -50,30 +46,78 @@ pub async fn run(node: Node, stop: watch::Receiver<bool>) {
             .records
         },
         seq: |r: &AuditRecord| r.seq,
+    };
+    let mut events_log = ToLog {
+        log,
+        what: "quota events",
+        kept: MAX_EVENTS,
+        ring: TARGET,
+    };
+    let mut audit_log = ToLog {
         log: log_audit,
         what: "audit records",
         kept: MAX_AUDIT_RECORDS,
-        target: AUDIT_TARGET,
+        ring: AUDIT_TARGET,
     };
     tokio::join!(
-        events.run(node.clone(), stop.clone()),
-        audit.run(node, stop)
+        events.run(node.clone(), stop.clone(), &mut events_log),
+        audit.run(node, stop, &mut audit_log)
     );
 }
 
-/// How to follow one numbered ring of the engine into the log.
-struct Follow<T> {
-    last: fn(&Engine) -> u64,
-    after: fn(&Engine, u64, usize) -> Vec<T>,
-    seq: fn(&T) -> u64,
+/// Where followed items go: [`Follow::run`] hands them over in seq order, with the gaps.
+pub(crate) trait Sink<T> {
+    fn item(&mut self, item: &T);
+    /// Seqs `from..=to` were dropped by the engine before they were read.
+    fn gap(&mut self, from: u64, to: u64);
+}
+
+/// Items to log lines.
+struct ToLog<T> {
     log: fn(&T),
     what: &'static str,
     kept: usize,
-    target: &'static str,
+    ring: &'static str,
+}
+
+impl<T> Sink<T> for ToLog<T> {
+    fn item(&mut self, item: &T) {
+        (self.log)(item);
+    }
+
+    fn gap(&mut self, from: u64, to: u64) {
+        tracing::warn!(
+            target: "tally::event_log",
+            ring = self.ring,
+            from,
+            to,
+            "{} dropped before they were logged (more than {} behind)",
+            self.what,
+            self.kept
+        );
+    }
+}
+
+/// How to follow one numbered series of the engine (events, audit records, usage records)
+/// from those applied after the node started: [`Follow::run`].
+pub(crate) struct Follow<T> {
+    /// The newest seq now (the start).
+    pub last: fn(&Engine) -> u64,
+    /// At most `max` items after a seq, in seq order; items the engine no longer holds are
+    /// skipped (the first one returned then comes after a gap).
+    pub after: fn(&Engine, u64, usize) -> Vec<T>,
+    pub seq: fn(&T) -> u64,
 }
 
 impl<T: Send + 'static> Follow<T> {
-    async fn run(self, node: Node, mut stop: watch::Receiver<bool>) {
+    /// Hands every item and every gap to `sink`, in seq order, polling every
+    /// [`EVENT_LOG_POLL`] until `stop` turns true (or the node's engine is gone).
+    pub async fn run(
+        self,
+        node: Node,
+        mut stop: watch::Receiver<bool>,
+        sink: &mut (impl Sink<T> + Send),
+    ) {
         let Ok(mut cursor) = node.read(self.last).await else {
             return;
         };
@@ -85,19 +129,11 @@ impl<T: Send + 'static> Follow<T> {
             if let Some(first) = items.first().map(self.seq)
                 && first > cursor + 1
             {
-                tracing::warn!(
-                    target: "tally::event_log",
-                    ring = self.target,
-                    from = cursor + 1,
-                    to = first - 1,
-                    "{} dropped before they were logged (more than {} behind)",
-                    self.what,
-                    self.kept
-                );
+                sink.gap(cursor + 1, first - 1);
             }
             let full = items.len() == PAGE;
             for item in &items {
-                (self.log)(item);
+                sink.item(item);
                 cursor = (self.seq)(item);
             }
             if full {

@@ -26,7 +26,8 @@
 //! Every node counts the records its own replica applies (the same on every node of a
 //! cluster), from those applied after it started (like `event_log.rs`: a restart starts from
 //! zero, as every Prometheus counter does). A task follows the engine's record tail
-//! ([`Engine::export_usage`]) every [`USAGE_METRICS_POLL`], a page of at most [`PAGE`] records
+//! ([`Engine::export_usage`]) every [`crate::event_log::EVENT_LOG_POLL`] (`event_log::Follow`), a page of at most
+//! [`crate::event_log::PAGE`] records
 //! per read of the applied state (a short lock, never waiting on apply's progress).
 //!
 //! # Bounded labels ([`UsageMetricsConfig`], `--metrics-usage-labels`,
@@ -48,7 +49,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::Counter;
@@ -56,13 +56,10 @@ use tokio::sync::watch;
 
 use crate::engine::Engine;
 use crate::engine::usage::{ReadError, UsageRecord};
+use crate::event_log::{Follow, Sink};
 use crate::metrics::{Metrics, OTHER};
 use crate::node::Node;
 
-/// How often the follower looks for new usage records.
-pub const USAGE_METRICS_POLL: Duration = Duration::from_millis(100);
-/// Most records read at once.
-pub const PAGE: usize = 512;
 /// The default of `--metrics-max-usage-series`.
 pub const DEFAULT_MAX_USAGE_SERIES: usize = 1000;
 /// The `key` label of every series with [`UsageLabels::Model`].
@@ -113,65 +110,54 @@ pub async fn run(
     node: Node,
     metrics: Metrics,
     config: UsageMetricsConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
     let Some(mut usage) = UsageMetrics::new(metrics, config) else {
         return;
     };
-    let Ok(mut cursor) = node.read(Engine::last_usage_seq).await else {
-        return;
-    };
-    loop {
-        let at = cursor;
-        let Ok(page) = node.read(move |e| next_page(e, at)).await else {
-            return;
-        };
-        let full = match page {
-            Ok((from, records)) => {
-                if from > cursor {
-                    usage.skipped(from - cursor);
-                    tracing::warn!(
-                        target: TARGET,
-                        from = cursor + 1,
-                        to = from,
-                        "usage records dropped before they were counted in the usage metrics \
-                         (more than --max-usage-records behind)"
-                    );
-                }
-                cursor = from;
-                for r in &records {
-                    usage.count(r);
-                    cursor = r.seq;
-                }
-                records.len() == PAGE
-            }
+    let follow = Follow {
+        last: Engine::last_usage_seq,
+        after: |e: &Engine, cursor, max| match next_page(e, cursor, max) {
+            Ok((_, records)) => records,
             Err(e) => {
                 tracing::warn!(target: TARGET, error = %e, "usage metrics: cannot read usage records");
-                false
+                Vec::new()
             }
-        };
-        if full {
-            continue;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(USAGE_METRICS_POLL) => {}
-            _ = stop.wait_for(|s| *s) => return,
-        }
+        },
+        seq: |r: &UsageRecord| r.seq,
+    };
+    follow.run(node, stop, &mut usage).await;
+}
+
+impl Sink<UsageRecord> for UsageMetrics {
+    fn item(&mut self, r: &UsageRecord) {
+        self.count(r);
+    }
+
+    fn gap(&mut self, from: u64, to: u64) {
+        self.skipped(to - from + 1);
+        tracing::warn!(
+            target: TARGET,
+            from,
+            to,
+            "usage records dropped before they were counted in the usage metrics \
+             (more than --max-usage-records behind)"
+        );
     }
 }
 
 /// The records after `cursor`, skipping over those the engine no longer holds: (the seq the
 /// records follow, at least `cursor`; the records, in seq order).
-fn next_page(e: &Engine, cursor: u64) -> Result<(u64, Vec<UsageRecord>), ReadError> {
+fn next_page(e: &Engine, cursor: u64, max: usize) -> Result<(u64, Vec<UsageRecord>), ReadError> {
     let from = cursor.max(e.first_usage_seq().saturating_sub(1));
-    match e.export_usage(from, PAGE) {
+    match e.export_usage(from, max) {
         Ok(records) => Ok((from, records)),
         Err(ReadError::PastRetention { available_from, .. }) => {
             let from = u64::try_from(available_from)
                 .unwrap_or(0)
                 .saturating_sub(1)
                 .max(from);
-            e.export_usage(from, PAGE).map(|records| (from, records))
+            e.export_usage(from, max).map(|records| (from, records))
         }
         Err(other) => Err(other),
     }
@@ -336,6 +322,7 @@ mod tests {
     use super::*;
     use crate::engine::usage::{Attribution, ReportUsage, Tokens};
     use crate::engine::{Command, EngineSettings};
+    use crate::event_log::PAGE;
 
     fn record(seq: u64, key: &str, model: &str, input: u64, cost: u64) -> UsageRecord {
         UsageRecord {
@@ -528,19 +515,19 @@ mod tests {
         let batch: Vec<Command> = (0..6).map(|i| report(&format!("a{i}"))).collect();
         e.apply(T0_MS, &batch);
         // The batch's own records are all still there.
-        let (from, records) = next_page(&e, 0).unwrap();
+        let (from, records) = next_page(&e, 0, PAGE).unwrap();
         assert_eq!((from, records.len()), (0, 6));
         // The next batch trims to the newest 3 before its own record: 1..=3 are gone.
         e.apply(T0_MS + 1, &[report("b")]);
-        let (from, records) = next_page(&e, 0).unwrap();
+        let (from, records) = next_page(&e, 0, PAGE).unwrap();
         assert_eq!(from, e.first_usage_seq() - 1);
         assert!(from > 0);
         assert_eq!(records.first().map(|r| r.seq), Some(from + 1));
         assert_eq!(records.last().map(|r| r.seq), Some(7));
         // A cursor still inside the tail reads on from it.
-        let (from, records) = next_page(&e, 6).unwrap();
+        let (from, records) = next_page(&e, 6, PAGE).unwrap();
         assert_eq!((from, records.len()), (6, 1));
-        let (from, records) = next_page(&e, 7).unwrap();
+        let (from, records) = next_page(&e, 7, PAGE).unwrap();
         assert_eq!((from, records.len()), (7, 0));
     }
 }
