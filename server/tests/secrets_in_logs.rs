@@ -12,14 +12,13 @@
 //! from Tally's targets, hundreds of h2 lines at TRACE (the frames of these very calls), the
 //! gRPC server's, and the debug lines of refused admin calls.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+mod common;
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::tallyd_proc::{TallydProc, field_addr, three_node_cluster};
 use sha2::Digest;
 use tally_proto::envoy::extensions::common::ratelimit::v3::RateLimitDescriptor;
 use tally_proto::envoy::extensions::common::ratelimit::v3::rate_limit_descriptor::Entry;
@@ -31,13 +30,12 @@ use tally_proto::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use tally_proto::envoy::service::ratelimit::v3::RateLimitRequest;
 use tally_proto::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tally_proto::tally::v1::admin_client::AdminClient;
-use tally_proto::tally::v1::cluster_client::ClusterClient;
 use tally_proto::tally::v1::keys_client::KeysClient;
 use tally_proto::tally::v1::models_client::ModelsClient;
 use tally_proto::tally::v1::{
-    AddLearnerRequest, CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest,
-    GetKeyRequest, GetStatusRequest, Label, ListKeysRequest, ListModelsRequest,
-    ListSubscriptionsRequest, PromoteRequest, RotateKeyRequest, SetKeyEnabledRequest,
+    CreateEphemeralKeyRequest, CreateKeyRequest, DeleteKeyRequest, GetKeyRequest, GetStatusRequest,
+    Label, ListKeysRequest, ListModelsRequest, ListSubscriptionsRequest, RotateKeyRequest,
+    SetKeyEnabledRequest,
 };
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -67,219 +65,56 @@ impl Format {
     }
 }
 
-/// Bytes a child wrote to one of its pipes, read by a thread until end of file.
-#[derive(Clone, Default)]
-struct Output(Arc<Mutex<Vec<u8>>>);
-
-impl Output {
-    fn drain(&self, mut pipe: impl Read + Send + 'static) -> JoinHandle<()> {
-        let out = self.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 64 * 1024];
-            loop {
-                match pipe.read(&mut buf) {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => out.0.lock().unwrap().extend_from_slice(&buf[..n]),
-                }
-            }
-        })
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-/// A running `tallyd`, killed if dropped before [`Tallyd::stop`].
+/// A running `tallyd` (killed if dropped before it is stopped), its tokens file beside it.
 struct Tallyd {
-    child: Child,
-    stdout: Output,
-    stderr: Output,
-    readers: Vec<JoinHandle<()>>,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    raft: SocketAddr,
+    proc: TallydProc,
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Tallyd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// The flags and environment every node of this file gets: trace logs in `format`, the
+/// read-only token from a tokens file in `dir` (which holds only its SHA-256), the admin token
+/// from `TALLY_ADMIN_TOKEN`.
+fn flags(format: Format, dir: &std::path::Path) -> Vec<String> {
+    let tokens = dir.join("tokens.yaml");
+    let digest = hex(&sha256(READER));
+    std::fs::write(
+        &tokens,
+        format!("- {{ name: dashboard, role: read-only, token_sha256: {digest} }}\n"),
+    )
+    .unwrap();
+    [
+        "--limits-poll-ms",
+        "0",
+        "--log",
+        "trace",
+        "--log-format",
+        format.flag(),
+        "--auth-tokens",
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain([tokens.display().to_string()])
+    .collect()
 }
 
-/// `name=addr` (text) or `"name":"addr"` (JSON) in a log line.
-fn field_addr(line: &str, name: &str) -> Option<SocketAddr> {
-    for (i, _) in line.match_indices(name) {
-        let rest = line[i + name.len()..].trim_start_matches(['"', '=', ':', ' ']);
-        let end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
-            .unwrap_or(rest.len());
-        if let Ok(addr) = rest[..end].parse() {
-            return Some(addr);
-        }
-    }
-    None
-}
+const ENV: [(&str, &str); 1] = [("TALLY_ADMIN_TOKEN", ADMIN)];
 
 impl Tallyd {
     /// Starts a one-node `tallyd` and waits until it is ready.
     async fn start(format: Format) -> Tallyd {
-        let server = Tallyd::spawn(format, 1).await;
-        server.wait_ready().await;
-        server
-    }
-
-    /// Starts `tallyd` as node `node_id` (node 1 bootstraps a one-node cluster; the others
-    /// wait to be added) on ports of the OS's choosing: each listener on port 0, the addresses
-    /// read from its "tallyd serving" line.
-    async fn spawn(format: Format, node_id: u64) -> Tallyd {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens.yaml");
-        let digest = hex(&sha256(READER));
-        std::fs::write(
-            &tokens,
-            format!("- {{ name: dashboard, role: read-only, token_sha256: {digest} }}\n"),
-        )
-        .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_tallyd"));
-        // Nothing from the environment this test runs in may change the server's flags.
-        for (name, _) in std::env::vars_os() {
-            if name.to_string_lossy().starts_with("TALLY_") {
-                command.env_remove(name);
-            }
-        }
-        command
-            .args(["--grpc-listen", "127.0.0.1:0"])
-            .args(["--http-listen", "127.0.0.1:0"])
-            .args(["--raft-listen", "127.0.0.1:0"])
-            .arg("--data-dir")
-            .arg(dir.path().join("node-1"))
-            .args(["--limits-poll-ms", "0"])
-            .args(["--node-id", &node_id.to_string()])
-            .args(["--log", "trace"])
-            .args(["--log-format", format.flag()])
-            .arg("--auth-tokens")
-            .arg(&tokens)
-            .env("TALLY_ADMIN_TOKEN", ADMIN)
-            .env("NO_COLOR", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if node_id != 1 {
-            command.arg("--no-bootstrap");
-        }
-        let mut child = command.spawn().expect("tallyd starts");
-        let (stdout, stderr) = (Output::default(), Output::default());
-        let readers = vec![
-            stdout.drain(child.stdout.take().unwrap()),
-            stderr.drain(child.stderr.take().unwrap()),
-        ];
-        let started = Instant::now();
-        let (grpc, http, raft) = loop {
-            let text = stdout.text();
-            if let Some(line) = text.lines().find(|l| l.contains("tallyd serving")) {
-                let line = strip_ansi(line);
-                let addr = |name| field_addr(&line, name);
-                match (addr("grpc"), addr("http"), addr("raft")) {
-                    (Some(g), Some(h), Some(r)) => break (g, h, r),
-                    _ => panic!("no addresses in {line:?}"),
-                }
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "tallyd exited with {status}:\n{}\n{}",
-                    stderr.text(),
-                    tail(&text)
-                );
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "tallyd serving within {WAIT:?}:\n{}",
-                stderr.text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        Tallyd {
-            child,
-            stdout,
-            stderr,
-            readers,
-            grpc,
-            http,
-            raft,
-            _dir: dir,
-        }
+        let args = flags(format, dir.path());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proc = TallydProc::spawn(1, &dir.path().join("node-1"), &args, &ENV).await;
+        proc.wait_ready().await;
+        Tallyd { proc, _dir: dir }
     }
 
-    /// Polls `GET /readyz` until it answers 200.
-    async fn wait_ready(&self) {
-        let started = Instant::now();
-        let http = self.http;
-        loop {
-            let ready = tokio::task::spawn_blocking(move || readyz(http))
-                .await
-                .unwrap();
-            if ready {
-                return;
-            }
-            assert!(
-                started.elapsed() < WAIT,
-                "tallyd ready within {WAIT:?}:\n{}",
-                self.stderr.text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    /// Stops it as an operator does (SIGTERM; it must exit 0): everything it wrote, stdout
+    /// then stderr, without ANSI escapes.
+    async fn stop(self) -> String {
+        strip_ansi(&self.proc.stop().await)
     }
-
-    /// Stops the server as an operator does (SIGTERM: graceful, and it must exit 0), within
-    /// [`WAIT`]; everything it wrote, stdout then stderr, without ANSI escapes.
-    async fn stop(mut self) -> String {
-        let pid = self.child.id().to_string();
-        let sent = Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill runs");
-        assert!(sent.success(), "SIGTERM sent to {pid}");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                break status;
-            }
-            if started.elapsed() > WAIT {
-                let _ = self.child.kill();
-                panic!("tallyd did not stop within {WAIT:?} of SIGTERM");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        // The pipes are closed: the readers reach end of file.
-        for reader in std::mem::take(&mut self.readers) {
-            reader.join().unwrap();
-        }
-        let all = strip_ansi(&format!("{}\n{}", self.stdout.text(), self.stderr.text()));
-        assert!(
-            status.success(),
-            "tallyd stopped cleanly ({status}):\n{}",
-            tail(&all)
-        );
-        all
-    }
-}
-
-fn readyz(http: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&http, Duration::from_secs(2)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: tally\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = String::new();
-    let _ = s.read_to_string(&mut answer);
-    answer.starts_with("HTTP/1.1 200")
 }
 
 /// The text without ANSI escape sequences (`ESC [ ... letter`).
@@ -298,14 +133,6 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     out
-}
-
-fn tail(text: &str) -> &str {
-    let start = text.len().saturating_sub(4000);
-    let start = (start..text.len())
-        .find(|&i| text.is_char_boundary(i))
-        .unwrap_or(text.len());
-    &text[start..]
 }
 
 fn sha256(s: &str) -> [u8; 32] {
@@ -724,7 +551,7 @@ fn levels_and_targets(format: Format, log: &str) -> BTreeMap<(String, String), u
 
 async fn secrets_stay_out_of_the_log(format: Format) {
     let server = Tallyd::start(format).await;
-    let mut clients = Clients::new(server.grpc).await;
+    let mut clients = Clients::new(server.proc.grpc).await;
     let mut needles = Needles::default();
     tokio::time::timeout(WAIT, a_key_lives_its_whole_life(&mut clients, &mut needles))
         .await
@@ -801,40 +628,26 @@ async fn text_trace_logs_never_show_a_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clusters_trace_logs_never_show_a_secret() {
     let format = Format::Json;
-    let leader = Tallyd::start(format).await;
-    let followers = [
-        Tallyd::spawn(format, 2).await,
-        Tallyd::spawn(format, 3).await,
-    ];
-    let channel = Channel::from_shared(format!("http://{}", leader.raft))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(WAIT)
-        .connect()
-        .await
-        .expect("connects");
-    let mut cluster = ClusterClient::new(channel);
-    for (id, node) in (2u64..).zip(&followers) {
-        let addr = node.raft.to_string();
-        cluster
-            .add_learner(admin(AddLearnerRequest { id, addr }))
-            .await
-            .unwrap_or_else(|s| panic!("add learner {id}: {s:?}"));
-        cluster
-            .promote(admin(PromoteRequest { id }))
-            .await
-            .unwrap_or_else(|s| panic!("promote {id}: {s:?}"));
-        node.wait_ready().await;
-    }
-    drop(cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let args = flags(format, dir.path());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut nodes = three_node_cluster(dir.path(), &args, &ENV, Some(ADMIN)).await;
+    let followers = nodes.split_off(1);
+    let leader = nodes.pop().unwrap();
     let mut clients = Clients::new(followers[0].grpc).await;
     let mut needles = Needles::default();
     tokio::time::timeout(WAIT, a_key_lives_its_whole_life(&mut clients, &mut needles))
         .await
         .expect("a key's life within the time allowed");
     drop(clients);
-    let [first, second] = followers;
-    let logs = [second.stop().await, first.stop().await, leader.stop().await];
+    let Ok([first, second]) = <[TallydProc; 2]>::try_from(followers) else {
+        unreachable!("two followers")
+    };
+    let logs = [
+        strip_ansi(&second.stop().await),
+        strip_ansi(&first.stop().await),
+        strip_ansi(&leader.stop().await),
+    ];
     for log in &logs {
         assert_substantial(format, log);
     }

@@ -1,5 +1,5 @@
 //! `tallyd` as a real process, for end-to-end tests: every listener on port 0 (the addresses
-//! read back from its "tallyd serving" line), its output captured, stopped with SIGTERM
+//! read back from its "tallyd serving" line, in text or JSON logs), its output captured, stopped with SIGTERM
 //! (graceful) or SIGKILL (a crash), killed when dropped. And three of them joined into a
 //! cluster over the Raft listener.
 
@@ -54,6 +54,8 @@ pub struct TallydProc {
     child: Child,
     stdout: Output,
     stderr: Output,
+    /// The threads reading its pipes: joined once it exited, so the output is complete.
+    readers: Vec<JoinHandle<()>>,
     pub node_id: u64,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
@@ -68,7 +70,7 @@ impl Drop for TallydProc {
 }
 
 /// `name=addr` (text logs, no colour) in a log line.
-fn field_addr(line: &str, name: &str) -> Option<SocketAddr> {
+pub fn field_addr(line: &str, name: &str) -> Option<SocketAddr> {
     for (i, _) in line.match_indices(name) {
         let rest = line[i + name.len()..].trim_start_matches(['"', '=', ':', ' ']);
         let end = rest
@@ -104,7 +106,6 @@ impl TallydProc {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--node-id", &node_id.to_string()])
-            .args(["--log-format", "text"])
             .args(args)
             .envs(env.iter().copied())
             .env("NO_COLOR", "1")
@@ -116,8 +117,10 @@ impl TallydProc {
         }
         let mut child = command.spawn().expect("tallyd starts");
         let (stdout, stderr) = (Output::default(), Output::default());
-        stdout.drain(child.stdout.take().unwrap());
-        stderr.drain(child.stderr.take().unwrap());
+        let readers = vec![
+            stdout.drain(child.stdout.take().unwrap()),
+            stderr.drain(child.stderr.take().unwrap()),
+        ];
         let started = Instant::now();
         let (grpc, http, raft) = loop {
             let text = stdout.text();
@@ -145,6 +148,7 @@ impl TallydProc {
             child,
             stdout,
             stderr,
+            readers,
             node_id,
             grpc,
             http,
@@ -182,8 +186,9 @@ impl TallydProc {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, as an operator stops it; waits for the exit (which must be clean).
-    pub async fn stop(mut self) {
+    /// SIGTERM, as an operator stops it; waits for the exit (which must be clean). Everything
+    /// it wrote, stdout then stderr.
+    pub async fn stop(mut self) -> String {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status();
         assert!(sent.is_ok_and(|s| s.success()), "SIGTERM sent to {pid}");
@@ -198,11 +203,13 @@ impl TallydProc {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        assert!(
-            status.success(),
-            "clean exit ({status}):\n{}",
-            tail(&self.logs())
-        );
+        // The pipes are closed: the readers reach end of file.
+        for reader in std::mem::take(&mut self.readers) {
+            reader.join().unwrap();
+        }
+        let logs = self.logs();
+        assert!(status.success(), "clean exit ({status}):\n{}", tail(&logs));
+        logs
     }
 }
 
